@@ -1,0 +1,102 @@
+"""QMissConfig: every setting of a qmiss adapter, validated once, in one place.
+
+The config speaks two dialects: qmiss's own (``mode="default" | "mini" | "bat"``,
+``bits``) and PEFT's MiSS (``init_weights=True | "mini" | "bat"``), so a user
+coming from ``peft.MissConfig`` can keep the spelling they know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+
+Mode = Literal["default", "mini", "bat"]
+MODES: tuple[str, ...] = ("default", "mini", "bat")
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+
+# PEFT's init_weights values and the qmiss mode each one means.
+_INIT_WEIGHTS_TO_MODE = {True: "default", "mini": "mini", "bat": "bat"}
+_MODE_TO_INIT_WEIGHTS = {mode: init for init, mode in _INIT_WEIGHTS_TO_MODE.items()}
+
+
+def mode_from_init_weights(init_weights: Union[bool, str]) -> str:
+    """Translate PEFT's ``init_weights`` into a qmiss mode.
+
+    Raises:
+        ValueError: for ``init_weights=False`` (PEFT's random init, which does not
+            start at the base model) or any other value.
+    """
+    if isinstance(init_weights, str) and init_weights.lower() in ("true", "default", "balance"):
+        init_weights = True
+    if init_weights is True or init_weights in ("mini", "bat"):
+        return _INIT_WEIGHTS_TO_MODE[init_weights]
+    raise ValueError(
+        f"init_weights={init_weights!r} is not supported; use True (MiSS balance, mode='default'), "
+        "'mini' or 'bat' — qmiss always starts from zero-initialised adapters so training begins at the base model"
+    )
+
+
+def init_weights_from_mode(mode: str) -> Union[bool, str]:
+    """PEFT's ``init_weights`` value for a qmiss mode (``"default"`` -> ``True``)."""
+    return _MODE_TO_INIT_WEIGHTS[mode]
+
+
+@dataclass
+class QMissConfig:
+    """Settings of one qmiss model. Construct through :func:`qmiss.prepare_qmiss` or directly.
+
+    Raises:
+        ValueError / TypeError: on any value out of range, naming the field, the value and the fix.
+    """
+
+    r: int = 64  # shard size along in_features; the adapter rank
+    mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"
+    mini_r: Optional[int] = None  # mini: width of the tiled adapter along out_features
+    bits: Optional[int] = 4  # 4 or 8 (bitsandbytes), None for an unquantized base
+    quant_type: str = "nf4"  # 4-bit data type: "nf4" or "fp4"
+    double_quant: bool = True  # 4-bit: quantize the absmax constants too (QLoRA's double quantization)
+    target_modules: Union[str, list[str]] = "all-linear"  # "all-linear", a regex, or a list of name suffixes
+    exclude_modules: Optional[Union[str, list[str]]] = None  # same syntax; wins over target_modules
+    dropout: float = 0.0  # dropout on the adapter's input (default and mini)
+    compute_dtype: Optional[torch.dtype] = None  # None: bf16 on CUDA, fp32 on CPU, decided per model
+    bat_chunk_bytes: int = 64 * 2**20  # bat: byte budget of one dequantized chunk of weight rows
+    base_model_name_or_path: Optional[str] = None  # recorded in the PEFT adapter config
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise TypeError(f"r={self.r!r} must be an int, e.g. r=64")
+        if self.r <= 0:
+            raise ValueError(f"r={self.r} must be a positive int, e.g. r=64")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}; PEFT's init_weights=True/'mini'/'bat' also work")
+        if self.mode == "mini":
+            if self.mini_r is None:
+                raise ValueError("mode='mini' needs mini_r (the adapter width along out_features), e.g. mini_r=16")
+            if isinstance(self.mini_r, bool) or not isinstance(self.mini_r, int) or self.mini_r <= 0:
+                raise ValueError(f"mini_r={self.mini_r!r} must be a positive int dividing every target's out_features")
+        if self.bits == 16:
+            self.bits = None
+        if self.bits not in (4, 8, None):
+            raise ValueError(f"bits={self.bits!r} is not supported; use 4, 8, or None (also 16) for an unquantized base")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.mode == "bat" and self.dropout > 0:
+            raise ValueError(
+                f"dropout={self.dropout} with mode='bat': bat folds the adapter into the weight, so there is no "
+                "separate adapter input to drop; use dropout=0.0, or mode='default'"
+            )
+        if self.compute_dtype is not None and self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r} must be torch.float32, torch.bfloat16 or torch.float16")
+        if self.bat_chunk_bytes <= 0:
+            raise ValueError(f"bat_chunk_bytes={self.bat_chunk_bytes} must be positive, e.g. 64 * 2**20")
+        if not isinstance(self.target_modules, (str, list, tuple, set)):
+            raise TypeError(f"target_modules={self.target_modules!r} must be 'all-linear', a regex or a list of names")
+
+    @property
+    def init_weights(self) -> Union[bool, str]:
+        """PEFT's spelling of :attr:`mode`."""
+        return init_weights_from_mode(self.mode)

@@ -1,0 +1,135 @@
+"""MissLinear: a frozen (quantized) linear plus one MiSS adapter tensor.
+
+    default / mini                          bat
+    x ──► base (4/8-bit kernel) ──► + ──► y    x ──► [rows of W, dequantized chunk
+    └──► Σ_j x_j ──► @ D ─────────┘              by chunk, W(I+B)+B] ──► y
+
+default and mini leave the quantized base untouched and add a cheap term;
+bat folds B into dequantized weight blocks inside :class:`qmiss.ops.BatLinear`,
+which keeps no dequantized weight alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qmiss import ops, quant
+from qmiss.config import MODES
+
+
+class MissLinear(nn.Module):
+    """Wraps a ``nn.Linear`` or a bitsandbytes 4/8-bit linear with a MiSS adapter.
+
+    Args:
+        base_layer: the frozen layer; it is held, never copied or subclassed.
+        r: shard size along in_features.
+        mode: "default", "mini" or "bat".
+        mini_r: mini: adapter width along out_features.
+        dropout: dropout probability on the adapter's input (default/mini).
+        compute_dtype: dtype of the adapter math (and of bat's dequantized weight).
+        bat_chunk_bytes: bat: byte budget of one dequantized chunk of rows.
+        name: the module's path in its model, used in error messages.
+
+    Raises:
+        ValueError: r out of range, bat with in or out not divisible by r, mini with out % mini_r != 0.
+
+    Attributes:
+        miss_block: the trainable adapter, zeros at init; (r, out) default,
+            (r, mini_r) mini, (out/r, r, r) bat. Kept in fp32 (the optimizer's master copy).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        mode: str = "default",
+        mini_r: int | None = None,
+        dropout: float = 0.0,
+        compute_dtype: torch.dtype = torch.float32,
+        bat_chunk_bytes: int = 64 * 2**20,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        n_in, n_out = quant.in_out_features(base_layer)
+        where = name or type(base_layer).__name__
+        if mode not in MODES:
+            raise ValueError(f"{where}: mode={mode!r} is not one of {MODES}")
+        if not 0 < r <= n_in:
+            raise ValueError(f"{where}: r={r} must be in 1..in_features={n_in}; pick a smaller r")
+        if mode == "bat" and (n_in % r or n_out % r):
+            raise ValueError(
+                f"{where}: in_features={n_in}, out_features={n_out} are not both divisible by r={r}; "
+                "bat needs r×r blocks — use mode='default' or an r dividing both"
+            )
+        if mode == "mini" and (not mini_r or n_out % mini_r):
+            raise ValueError(f"{where}: out_features={n_out} is not divisible by mini_r={mini_r}; pick a mini_r dividing it")
+        quant.prepare_for_adapter(base_layer)
+        quant.set_compute_dtype(base_layer, compute_dtype)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = n_in, n_out
+        self.r, self.mode, self.mini_r = r, mode, mini_r
+        self.compute_dtype = compute_dtype
+        self.bat_chunk_bytes = bat_chunk_bytes
+        self.name = name
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        shape = {"default": (r, n_out), "mini": (r, mini_r), "bat": (n_out // r, r, r)}[mode]
+        device = next(base_layer.parameters()).device
+        self.miss_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+        self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
+
+    @property
+    def bits(self) -> int | None:
+        """4, 8, or None for an unquantized base."""
+        return quant.quant_bits(self.base_layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_weight(self) -> torch.Tensor:
+        """The default-mode adapter D (r, out); mini's block tiled along out_features.
+
+        Raises:
+            ValueError: in bat mode, which has no D.
+        """
+        if self.mode == "bat":
+            raise ValueError(f"{self.name}: bat has no additive adapter D; use delta_weight()")
+        block = self.miss_block
+        return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW (out, in) that the adapter adds to the (dequantized) base weight, in ``dtype``."""
+        if self.mode == "bat":
+            weight = quant.dequantize(self.base_layer, dtype)
+            return ops.bat_delta_weight(weight, self.miss_block.to(dtype))
+        return ops.miss_delta_weight(self.adapter_weight().to(dtype), self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
+        if self.mode == "bat":
+            return self._forward_bat(x)
+        y = self.base_layer(x)
+        xs = self.dropout(x.to(self.compute_dtype))
+        update = ops.shard_sum(xs, self.r) @ self.adapter_weight().to(self.compute_dtype)  # (..., r) @ (r, out)
+        return y + update.to(y.dtype)
+
+    def _forward_bat(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        rows = quant.row_dequantizer(self.base_layer, dtype)
+        chunk = ops.chunk_rows(
+            self.out_features,
+            self.in_features,
+            self.r,
+            quant.row_alignment(self.base_layer),
+            self.bat_chunk_bytes,
+            torch.finfo(dtype).bits // 8,
+        )
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        y = ops.bat_linear(x.to(dtype), self.miss_block.to(dtype), bias, rows, self.out_features, chunk)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        mini = f", mini_r={self.mini_r}" if self.mode == "mini" else ""
+        return f"r={self.r}, mode={self.mode!r}{mini}, bits={self.bits}, compute_dtype={self.compute_dtype}"

@@ -1,0 +1,297 @@
+"""Model surgery: find the target linears, quantize them, wrap them in MissLinear, freeze the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from qmiss import quant
+from qmiss.config import QMissConfig, mode_from_init_weights
+from qmiss.layer import MissLinear
+
+AUTO = "auto"
+
+
+def _default_compute_dtype(model: nn.Module) -> torch.dtype:
+    """bf16 on CUDA (fast, what QLoRA uses), fp32 on CPU (bf16 matmuls are slow there)."""
+    param = next(model.parameters(), None)
+    on_cuda = param is not None and param.device.type == "cuda"
+    return torch.bfloat16 if on_cuda else torch.float32
+
+
+def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
+    """PEFT's rule: a string is a full-match regex, a list matches names exactly or by ``.suffix``."""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but keep the surgery usable without it
+        return None
+    return Conv1D
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the output projection(s) (lm_head), which "all-linear" leaves alone as QLoRA does."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+    return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+
+
+def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
+    """Names of the linear layers ``config`` selects, in model order.
+
+    Raises:
+        TypeError: a selected layer is a transformers Conv1D (GPT-2 style) layer.
+        ValueError: nothing matches; the message lists the model's linear layers.
+    """
+    conv1d = _conv1d_type()
+    linear_names, conv_names, targets = [], [], []
+    skip = _output_layer_names(model)
+    for name, module in model.named_modules():
+        is_conv = conv1d is not None and isinstance(module, conv1d)
+        if not (quant.is_linear(module) or is_conv):
+            continue
+        (conv_names if is_conv else linear_names).append(name)
+        if config.target_modules == "all-linear":
+            selected = name not in skip
+        else:
+            selected = _matches(name, config.target_modules)
+        if selected and not _matches(name, config.exclude_modules):
+            targets.append(name)
+    bad_conv = [n for n in targets if n in conv_names]
+    if bad_conv:
+        raise TypeError(
+            f"{', '.join(bad_conv)}: transformers Conv1D layers (weight stored in×out) are not supported; "
+            "exclude them with exclude_modules=[...] or use a model with nn.Linear projections"
+        )
+    if not targets:
+        listed = ", ".join(linear_names) or "(none)"
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
+            f"linear layer; the model's linear layers are: {listed}"
+        )
+    return targets
+
+
+def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> None:
+    """Validate r / mini_r against every target at once, listing all offenders."""
+    modules = dict(model.named_modules())
+    problems = []
+    for name in targets:
+        n_in, n_out = quant.in_out_features(modules[name])
+        if config.r > n_in:
+            problems.append(f"{name}: r={config.r} > in_features={n_in}; use r <= {n_in}")
+        elif config.mode == "bat" and (n_in % config.r or n_out % config.r):
+            problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by r={config.r}")
+        elif config.mode == "mini" and n_out % config.mini_r:
+            problems.append(f"{name}: out_features={n_out} is not divisible by mini_r={config.mini_r}")
+    if problems:
+        hint = {
+            "bat": "bat needs r×r blocks — use mode='default', an r dividing every shape, or exclude these modules",
+            "mini": "pick a mini_r dividing every target's out_features, or exclude these modules",
+            "default": "pick a smaller r, or exclude these modules",
+        }[config.mode]
+        raise ValueError("; ".join(problems) + f" — {hint}")
+
+
+def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, None]) -> Optional[int]:
+    """The bits to use: the loaded quantization if any, else ``bits`` (4 for "auto").
+
+    Raises:
+        ValueError: ``bits`` contradicts how the model was loaded.
+    """
+    modules = dict(model.named_modules())
+    loaded = {quant.quant_bits(modules[n]) for n in targets if quant.quant_bits(modules[n]) is not None}
+    if len(loaded) > 1:
+        raise ValueError(f"the model mixes 4-bit and 8-bit target layers ({sorted(loaded)}); qmiss wraps one kind")
+    if not loaded:
+        return 4 if bits == AUTO else (None if bits == 16 else bits)
+    have = loaded.pop()
+    if bits not in (AUTO, have):
+        raise ValueError(
+            f"bits={bits!r}, but the model was loaded in {have}-bit with bitsandbytes; "
+            f"pass bits={have} (or leave bits='auto'), or load the model in full precision to quantize it to {bits}"
+        )
+    return have
+
+
+def _upcast_norms(model: nn.Module) -> None:
+    """Layer/RMS norms in fp32, as QLoRA's prepare_model_for_kbit_training leaves them (stable training)."""
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for param in module.parameters(recurse=False):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+
+
+def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLinear]]:
+    """(name, layer) for every MissLinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MissLinear):
+            yield name, module
+
+
+def prepare_qmiss(
+    model: nn.Module,
+    r: int = 64,
+    bits: Union[int, str, None] = AUTO,
+    mode: Optional[str] = None,
+    mini_r: Optional[int] = None,
+    target_modules: Union[str, list[str]] = "all-linear",
+    exclude_modules: Optional[Union[str, list[str]]] = None,
+    dropout: float = 0.0,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: Optional[torch.dtype] = None,
+    gradient_checkpointing: bool = False,
+    bat_chunk_bytes: int = 64 * 2**20,
+    init_weights: Union[bool, str, None] = None,
+) -> nn.Module:
+    """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
+
+    Every selected linear is quantized with bitsandbytes (if it is not already),
+    wrapped in a :class:`~qmiss.layer.MissLinear` with a zero adapter, and
+    everything but the adapters is frozen.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or any ``nn.Module``), full precision or
+            loaded in 4/8-bit through ``BitsAndBytesConfig``.
+        r: shard size (the adapter rank).
+        bits: 4, 8, None/16 (no quantization) or "auto": keep the model's bitsandbytes
+            quantization if it has one, else 4.
+        mode: "default" (MiSS balance), "mini" or "bat". Default "default".
+        mini_r: mini's adapter width along out_features.
+        target_modules: "all-linear" (every linear but the output head), a full-match regex,
+            or a list of names / name suffixes.
+        exclude_modules: same syntax; excluded layers stay untouched.
+        dropout: adapter-input dropout (default/mini only).
+        quant_type: 4-bit data type, "nf4" or "fp4".
+        double_quant: 4-bit double quantization.
+        compute_dtype: dtype of the base matmul and adapter math; default bf16 on CUDA, fp32 on CPU.
+        gradient_checkpointing: turn on transformers' (non-reentrant) gradient checkpointing.
+        bat_chunk_bytes: bat: byte budget of one dequantized chunk of weight rows.
+        init_weights: PEFT's name for the mode (True, "mini", "bat"); give this or ``mode``.
+
+    Returns:
+        The same model object, with ``model.qmiss_config`` set.
+
+    Raises:
+        ValueError / TypeError: bad settings, shapes r does not fit, no matching layer,
+            bits contradicting the loaded quantization, or a model prepared already.
+    """
+    if any(True for _ in miss_layers(model)) or hasattr(model, "qmiss_config"):
+        raise ValueError(
+            f"{type(model).__name__} already has qmiss adapters; prepare_qmiss is called once per model — "
+            "load a fresh model to start over, or use qmiss.disable_adapter(model) to get the base output"
+        )
+    if init_weights is not None:
+        from_alias = mode_from_init_weights(init_weights)
+        if mode is not None and mode != from_alias:
+            raise ValueError(f"mode={mode!r} and init_weights={init_weights!r} disagree; give only one of them")
+        mode = from_alias
+    if bits not in (AUTO, 4, 8, 16, None):
+        raise ValueError(f"bits={bits!r} is not supported; use 4, 8, None (or 16) for no quantization, or 'auto'")
+    config = QMissConfig(
+        r=r,
+        mode=mode or "default",
+        mini_r=mini_r,
+        bits=4 if bits == AUTO else bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        dropout=dropout,
+        compute_dtype=compute_dtype or _default_compute_dtype(model),
+        bat_chunk_bytes=bat_chunk_bytes,
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    )
+    targets = find_targets(model, config)
+    _check_shapes(model, targets, config)
+    config.bits = _resolve_bits(model, targets, bits)
+
+    model.requires_grad_(False)
+    if config.bits is not None:
+        _upcast_norms(model)
+    modules = dict(model.named_modules())
+    for name in targets:
+        base = modules[name]
+        if config.bits is not None and quant.quant_bits(base) is None:
+            base = quant.quantize_linear(base, config.bits, config.quant_type, config.double_quant, config.compute_dtype)
+        base.requires_grad_(False)
+        layer = MissLinear(
+            base,
+            r=config.r,
+            mode=config.mode,
+            mini_r=config.mini_r,
+            dropout=config.dropout,
+            compute_dtype=config.compute_dtype,
+            bat_chunk_bytes=config.bat_chunk_bytes,
+            name=name,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+        del modules[name]  # drop our reference so the full-precision weight can be freed
+
+    # Frozen base + checkpointing: the first block's input must require grad, or reentrant
+    # checkpointing cuts the graph before any adapter (what PEFT does for k-bit training).
+    enable_input_grads = getattr(model, "enable_input_require_grads", None)
+    if callable(enable_input_grads):
+        enable_input_grads()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    model.qmiss_config = config
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module path>.miss_block": tensor}`` for every adapter, detached."""
+    return {f"{name}.miss_block": layer.miss_block.detach() for name, layer in miss_layers(model)}
+
+
+def trainable_parameters(model: nn.Module, verbose: bool = True) -> tuple[int, int]:
+    """(trainable, total) parameter counts, printing a PEFT-style line when ``verbose``.
+
+    Packed 4-bit weights hold two values per byte; they are counted as values (out·in),
+    as PEFT does.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if getattr(param, "quant_state", None) is not None:  # 4-bit: packed two per uint8
+            count = param.quant_state.shape.numel()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    if verbose:
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block, every MissLinear returns its base layer's output."""
+    layers = [layer for _, layer in miss_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was

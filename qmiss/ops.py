@@ -1,0 +1,201 @@
+"""Pure tensor math of MiSS: no modules, no bitsandbytes.
+
+For a linear layer y = x Wᵀ + b with W of shape (out, in), split the input into
+shards of r features, x = [x_0 | x_1 | …] (zero-padded on the right when in % r != 0).
+
+    default ("balance")  y = base(x) + (Σ_j x_j) @ D          D: (r, out)
+    mini                 D = D_mini tiled along out            D_mini: (r, mini_r)
+    bat                  W'_ij = W_ij (I + B_i) + B_i          B: (out/r, r, r)
+                         y = x W'ᵀ + b
+
+W_ij is the r×r block at output rows i·r… and input columns j·r…; B_i is shared
+by every block of output row-block i.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+RowDequantizer = Callable[[int, int], torch.Tensor]
+
+
+def shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Σ_j x_j over the r-wide shards of the last dimension.
+
+    Args:
+        x: (..., in).
+        r: shard width. If in % r != 0, the tail shard is treated as zero-padded.
+
+    Returns:
+        (..., r).
+    """
+    n_in = x.shape[-1]
+    aligned = n_in - n_in % r
+    s = x[..., :aligned].unflatten(-1, (aligned // r, r)).sum(dim=-2)  # (..., in/r, r) -> (..., r)
+    if aligned == n_in:
+        return s
+    rem = n_in - aligned
+    # the padded tail shard adds into the first `rem` positions only (no copy of x)
+    return torch.cat([s[..., :rem] + x[..., aligned:], s[..., rem:]], dim=-1)
+
+
+def tile_mini(block: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Expand a mini adapter (r, mini_r) to the default adapter (r, out) it stands for.
+
+    Raises:
+        ValueError: if out_features % mini_r != 0.
+    """
+    mini_r = block.shape[-1]
+    if out_features % mini_r:
+        raise ValueError(f"out_features={out_features} is not divisible by mini_r={mini_r}")
+    return block.repeat(1, out_features // mini_r)  # (r, out)
+
+
+def miss_delta_weight(block: torch.Tensor, in_features: int) -> torch.Tensor:
+    """ΔW of a default adapter D (r, out): ΔW[o, c] = D[c % r, o], shape (out, in)."""
+    r, out_features = block.shape
+    reps = -(-in_features // r)
+    return block.t().repeat(1, reps)[:, :in_features]  # (out, in)
+
+
+def bat_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """W' = W + ΔW for bat, blockwise W'_ij = W_ij (I + B_i) + B_i.
+
+    Args:
+        weight: (rows, in) with rows % r == 0 and in % r == 0; a run of whole row-blocks.
+        block: (rows/r, r, r), the B_i of those row-blocks.
+
+    Returns:
+        (rows, in), a new tensor.
+    """
+    n_blocks, r, _ = block.shape
+    n_in = weight.shape[1]
+    w = weight.view(n_blocks, n_in, r)  # (nb, r·(in/r), r): the r-wide rows of every W_ij of row-block i
+    eye = torch.eye(r, dtype=block.dtype, device=block.device)
+    out = torch.bmm(w, block + eye)  # W_ij (I + B_i), every j in one batched product
+    out.view(n_blocks, r, n_in // r, r).add_(block.unsqueeze(2))  # + B_i on every block of row-block i
+    return out.view(weight.shape)
+
+
+def bat_delta_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """ΔW = W' − W for bat (the reference form, W_ij B_i + B_i), shape of ``weight``."""
+    n_blocks, r, _ = block.shape
+    n_in = weight.shape[1]
+    w = weight.view(n_blocks, n_in, r)  # (nb, r·(in/r), r)
+    delta = torch.bmm(w, block)
+    delta.view(n_blocks, r, n_in // r, r).add_(block.unsqueeze(2))
+    return delta.view(weight.shape)
+
+
+def bat_block_grad(weight: torch.Tensor, grad_weight: torch.Tensor, r: int) -> torch.Tensor:
+    """dL/dB from dL/dW' for a run of row-blocks: dB_i = Σ_j (W_ij + I)ᵀ G_ij.
+
+    Args:
+        weight: (rows, in) dequantized base rows W.
+        grad_weight: (rows, in) G = dL/dW' for the same rows.
+        r: block size.
+
+    Returns:
+        (rows/r, r, r).
+    """
+    rows, n_in = weight.shape
+    n_blocks = rows // r
+    w = weight.view(n_blocks, n_in, r)  # (nb, r·(in/r), r)
+    g = grad_weight.view(n_blocks, n_in, r)
+    grad = torch.bmm(w.transpose(1, 2), g)  # Σ_j W_ijᵀ G_ij
+    return grad.add_(grad_weight.view(n_blocks, r, n_in // r, r).sum(dim=2))  # + Σ_j G_ij
+
+
+def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budget_bytes: int, itemsize: int) -> int:
+    """Rows per bat chunk: a multiple of r and of ``alignment``, about ``budget_bytes`` of weight, at least one unit."""
+    unit = r * alignment // _gcd(r, alignment)
+    rows = budget_bytes // max(1, in_features * itemsize) // unit * unit
+    return min(max(rows, unit), out_features)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+class BatLinear(torch.autograd.Function):
+    """y = x W'ᵀ + b with W' = bat(W, B), keeping no dequantized weight for backward.
+
+    Forward and backward rebuild W' one chunk of output rows at a time from the
+    packed base weight (through ``rows``), so the transient peak is one chunk and
+    only x and B are saved: the bitsandbytes MatMul4Bit pattern applied to bat.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        block: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        rows: RowDequantizer,
+        out_features: int,
+        chunk: int,
+    ) -> torch.Tensor:
+        r = block.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = x2.new_empty(x2.shape[0], out_features)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice
+            for a in range(0, out_features, chunk):
+                b = min(a + chunk, out_features)
+                w = bat_weight(rows(a, b), block[a // r : b // r])  # (b - a, in)
+                y[:, a:b] = x2 @ w.t()
+            if bias is not None:
+                y += bias
+        ctx.save_for_backward(x, block)
+        ctx.rows, ctx.chunk, ctx.has_bias = rows, chunk, bias is not None
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):
+        x, block = ctx.saved_tensors
+        r = block.shape[-1]
+        out_features = grad_out.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        g2 = grad_out.reshape(-1, out_features).to(x.dtype)  # (N, out)
+        need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x2) if need_x else None
+        grad_block = torch.empty_like(block) if need_block else None
+        with torch.autocast(x.device.type, enabled=False):
+            for a in range(0, out_features, ctx.chunk):
+                b = min(a + ctx.chunk, out_features)
+                w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
+                g = g2[:, a:b]  # (N, b - a)
+                if need_x:
+                    grad_x.addmm_(g, bat_weight(w, block[a // r : b // r]))
+                if need_block:
+                    grad_block[a // r : b // r] = bat_block_grad(w, g.t() @ x2, r)
+        grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = grad_x.view_as(x) if need_x else None
+        return grad_x, grad_block, grad_bias, None, None, None
+
+
+def bat_linear(
+    x: torch.Tensor,
+    block: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rows: RowDequantizer,
+    out_features: int,
+    chunk: int,
+) -> torch.Tensor:
+    """Functional form of :class:`BatLinear`; all tensors in one dtype.
+
+    Args:
+        x: (..., in).
+        block: (out/r, r, r) bat adapter B.
+        bias: (out,) or None.
+        rows: ``rows(a, b)`` returns base weight rows a..b as (b - a, in) in x's dtype.
+        out_features: out.
+        chunk: rows per chunk, a multiple of r.
+
+    Returns:
+        (..., out).
+    """
+    return BatLinear.apply(x, block, bias, rows, out_features, chunk)

@@ -1,0 +1,227 @@
+"""Everything qmiss knows about bitsandbytes, behind one small interface.
+
+The rest of qmiss never imports bitsandbytes. It asks this file four things:
+
+- :func:`quant_bits` — is this layer 4-bit, 8-bit or a plain ``nn.Linear``?
+- :func:`quantize_linear` — turn a full-precision ``nn.Linear`` into a bitsandbytes layer.
+- :func:`dequantize` — the whole weight of a layer, in a chosen dtype.
+- :func:`row_dequantizer` — a callable that dequantizes a range of output rows
+  only, which bat uses to rebuild its weight chunk by chunk without ever holding
+  the whole dequantized matrix.
+
+Layouts (bitsandbytes ≥ 0.46):
+
+- 4-bit (``Params4bit``): the (out, in) weight is flattened row-major and packed
+  two values per byte into a (out·in/2, 1) tensor; one absmax per ``blocksize``
+  consecutive values (64 by default), itself 8-bit quantized when double
+  quantization is on. Rows ``[a, b)`` are bytes ``[a·in/2, b·in/2)`` and absmax
+  entries ``[a·in/bs, b·in/bs)``, as long as ``a·in`` falls on a block boundary.
+- 8-bit (``Int8Params``): an int8 (out, in) matrix and one fp32 scale per row
+  (``SCB``); ``W = CB · SCB / 127``. bitsandbytes moves ``SCB`` from the weight
+  to ``layer.state`` on the first forward, so both places are looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+RowDequantizer = Callable[[int, int], torch.Tensor]
+
+#: transformers' default ``llm_int8_threshold``: activations above it take the fp16 outlier path.
+INT8_THRESHOLD = 6.0
+
+
+def quant_bits(module: nn.Module) -> Optional[int]:
+    """4 or 8 for a bitsandbytes linear, None for a plain ``nn.Linear``.
+
+    Raises:
+        TypeError: if ``module`` is neither.
+    """
+    if isinstance(module, bnb.nn.Linear4bit):
+        return 4
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return 8
+    if isinstance(module, nn.Linear):
+        return None
+    raise TypeError(f"{type(module).__name__} is not a torch.nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and the bitsandbytes linears (which subclass it)."""
+    return isinstance(module, nn.Linear)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a plain or quantized linear (not the packed storage shape)."""
+    return module.in_features, module.out_features
+
+
+def quant_type(module: nn.Module) -> Optional[str]:
+    """"nf4"/"fp4" for a 4-bit layer, None otherwise."""
+    state = getattr(module.weight, "quant_state", None)
+    return state.quant_type if state is not None else None
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    bits: int,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A bitsandbytes copy of ``linear``: ``Linear4bit`` (bits=4) or ``Linear8bitLt`` (bits=8).
+
+    The weight is quantized on the linear's own device; the bias is kept as it is.
+    The original layer is left untouched (the caller drops it).
+
+    Args:
+        linear: a full-precision ``nn.Linear``.
+        bits: 4 or 8.
+        quant_type: 4-bit data type, "nf4" or "fp4".
+        double_quant: 4-bit: quantize the absmax constants too.
+        compute_dtype: 4-bit: dtype the base matmul runs in.
+
+    Returns:
+        The quantized layer, frozen.
+    """
+    device = linear.weight.device
+    weight = linear.weight.detach()
+    has_bias = linear.bias is not None
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
+        ).to(device)
+    elif bits == 8:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
+        # Int8Params quantizes on a move away from the CPU (or CPU -> CPU), as transformers loads it.
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        raise ValueError(f"bits={bits!r}: quantize_linear takes 4 or 8")
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return layer
+
+
+def prepare_for_adapter(module: nn.Module) -> None:
+    """Keep a 4-bit layer's weight in bitsandbytes' canonical layout for good.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight on the
+    first eval-mode no-grad forward into a CPU-only layout whose absmax is rounded
+    to bf16. That would make eval outputs differ from training outputs and break
+    dequantization (bat, merging, saving). qmiss turns the repacking off and undoes
+    one that already happened.
+    """
+    if quant_bits(module) != 4:
+        return
+    module.support_avx512bf16_for_cpu = False
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        module.weight.data, module.weight.quant_state = data, state
+
+
+def set_compute_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Set the dtype a 4-bit layer's base matmul runs in (no-op for other layers)."""
+    if quant_bits(module) == 4:
+        module.compute_dtype = dtype
+        module.compute_type_is_set = True
+
+
+def _int8_scales(module: nn.Module) -> torch.Tensor:
+    scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+    if scb is None:
+        raise RuntimeError(f"{type(module).__name__}: 8-bit weight has no row scales (SCB); was it quantized?")
+    return scb
+
+
+def _absmax_4bit(state: bnb.functional.QuantState) -> torch.Tensor:
+    """The fp32 absmax of every block, undoing double quantization."""
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return absmax.float()
+    return state.absmax.float()
+
+
+def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's (out, in) weight in ``dtype``: the dequantized values for a bitsandbytes layer."""
+    return row_dequantizer(module, dtype)(0, module.out_features)
+
+
+def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
+    """A function ``rows(a, b) -> (b - a, in)`` weight rows in ``dtype``.
+
+    4-bit: ``a`` must be a multiple of :func:`row_alignment`; the absmax of the whole
+    layer (out·in/64 floats) is prepared once here, each call dequantizes only its
+    bytes. The returned function reads the packed weight when called, so it holds no
+    weight-sized tensor.
+    """
+    bits = quant_bits(module)
+    weight = module.weight
+    if bits is None:
+        return lambda a, b: weight[a:b].to(dtype)
+    if bits == 8:
+        scales = _int8_scales(module)
+
+        def rows_int8(a: int, b: int) -> torch.Tensor:
+            # fp32 like bitsandbytes' int8_vectorwise_dequant, then one rounding to dtype
+            return (weight[a:b].float() * (scales[a:b, None].float() / 127.0)).to(dtype)
+
+        return rows_int8
+
+    prepare_for_adapter(module)
+    state = weight.quant_state
+    absmax = _absmax_4bit(state)
+    n_in = module.in_features
+    blocksize = state.blocksize
+    alignment = row_alignment(module)
+    packed = weight.data.view(torch.uint8).reshape(-1)  # (out·in/2,) whatever the quant_storage dtype
+
+    def rows_4bit(a: int, b: int) -> torch.Tensor:
+        if a % alignment:
+            raise ValueError(f"4-bit rows must start at a multiple of {alignment} (in={n_in}, blocksize {blocksize}); got {a}")
+        start, stop = a * n_in, b * n_in
+        return torch.ops.bitsandbytes.dequantize_4bit(
+            packed[start // 2 : (stop + 1) // 2],
+            absmax[start // blocksize : math.ceil(stop / blocksize)],
+            blocksize,
+            state.quant_type,
+            [b - a, n_in],
+            dtype,
+        )
+
+    return rows_4bit
+
+
+def row_alignment(module: nn.Module) -> int:
+    """Row ranges handed to a :func:`row_dequantizer` must start at multiples of this.
+
+    4-bit weights whose in_features is not a multiple of the blocksize are handled
+    as one range (the whole layer): bitsandbytes 0.50's AVX512 CPU kernel does not
+    dequantize a row range of such a weight the way it dequantizes the whole, and
+    qmiss stays consistent with what the base layer itself computes.
+    """
+    if quant_bits(module) != 4:
+        return 1
+    blocksize = module.weight.quant_state.blocksize
+    return 1 if module.in_features % blocksize == 0 else module.out_features

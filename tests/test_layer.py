@@ -1,0 +1,190 @@
+"""MissLinear against fp32 references on the dequantized weight (DESIGN.md's formulas)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmiss import MissLinear, quant
+from tests.conftest import make_base
+from tests.test_ops import ref_bat_delta, ref_shard_sum
+
+BITS = [4, 8, None]
+BIT_IDS = ["4bit", "8bit", "16bit"]
+MODES = ["default", "mini", "bat"]
+
+
+def make_layer(mode: str, bits: int | None, n_in: int = 128, n_out: int = 192, r: int = 32, **kw) -> MissLinear:
+    return MissLinear(make_base(bits, n_in, n_out), r=r, mode=mode, mini_r=16 if mode == "mini" else None, **kw)
+
+
+def randomize(layer: MissLinear, scale: float = 0.05) -> torch.Tensor:
+    with torch.no_grad():
+        layer.miss_block.copy_(torch.randn_like(layer.miss_block) * scale)
+    return layer.miss_block.detach().clone()
+
+
+def reference(layer: MissLinear, x: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 reference: the adapter term (default/mini) or the whole output (bat); autograd-able in ``block``."""
+    block = layer.miss_block.detach() if block is None else block
+    if layer.mode == "bat":
+        weight = quant.dequantize(layer.base_layer)
+        bias = layer.bias if layer.bias is not None else 0
+        return x @ (weight + ref_bat_delta(weight, block)).t() + bias
+    if layer.mode == "mini":
+        block = torch.cat([block] * (layer.out_features // block.shape[1]), dim=1)
+    return ref_shard_sum(x, layer.r) @ block
+
+
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_output_matches_fp32_reference(mode: str, bits: int | None) -> None:
+    layer = make_layer(mode, bits)
+    randomize(layer)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        y = layer(x)
+        expected = reference(layer, x)
+        got = y if mode == "bat" else y - layer.base_layer(x)
+    scale = y.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("n_in", [100, 30], ids=["in=100", "in<r"])
+def test_default_pads_ragged_inputs(n_in: int) -> None:
+    layer = MissLinear(make_base(None, n_in, 64), r=32 if n_in >= 32 else 16)
+    randomize(layer)
+    x = torch.randn(3, n_in)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), reference(layer, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_adapter_is_the_base_model(mode: str, bits: int | None) -> None:
+    layer = make_layer(mode, bits)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        base, y = layer.base_layer(x), layer(x)
+        if mode == "bat":  # rebuilt from the dequantized weight: equal up to fp32 rounding
+            assert (y - base).abs().max() <= 1e-5 * base.abs().max()
+        else:
+            assert torch.equal(y, base)
+        randomize(layer)
+        assert (layer(x) - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_gradient_matches_reference(mode: str, bits: int | None) -> None:
+    layer = make_layer(mode, bits)
+    block = randomize(layer).requires_grad_()
+    x = torch.randn(3, 4, 128)
+    grad_out = torch.randn(3, 4, 192)
+    (layer(x) * grad_out).sum().backward()
+
+    (reference(layer, x, block) * grad_out).sum().backward()  # autograd through the naive formulas
+    err = (layer.miss_block.grad - block.grad).abs().max() / block.grad.abs().max()
+    assert err <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+@pytest.mark.parametrize("mode", MODES)
+def test_input_gradient_flows_through_the_layer(mode: str, bits: int) -> None:
+    layer = make_layer(mode, bits)
+    randomize(layer)
+    x = torch.randn(6, 128, requires_grad=True)
+    grad_out = torch.randn(6, 192)
+    (layer(x) * grad_out).sum().backward()
+    weight = quant.dequantize(layer.base_layer)
+    block = layer.miss_block.detach()
+    if mode == "bat":
+        weight = weight + ref_bat_delta(weight, block)
+    expected = grad_out @ weight
+    if mode != "bat":
+        xr = x.detach().clone().requires_grad_()
+        (reference(layer, xr) * grad_out).sum().backward()
+        expected = expected + xr.grad
+    assert (x.grad - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_base_is_frozen_and_unchanged_by_training(mode: str, bits: int | None) -> None:
+    layer = make_layer(mode, bits)
+    before = quant.dequantize(layer.base_layer).clone()
+    packed = layer.base_layer.weight.data.clone()
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    assert trainable == [layer.miss_block]
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        layer(torch.randn(4, 128)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert layer.base_layer.weight.grad is None
+    assert torch.equal(layer.base_layer.weight.data, packed)
+    assert torch.equal(quant.dequantize(layer.base_layer), before)
+    assert layer.miss_block.abs().sum() > 0
+
+
+def test_bias_is_applied_once_in_bat() -> None:
+    layer = make_layer("bat", 4)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        assert layer.bias is not None
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=1e-5)
+
+
+def test_dropout_only_touches_the_adapter_input() -> None:
+    layer = make_layer("default", None, dropout=0.5)
+    randomize(layer)
+    x = torch.randn(8, 128)
+    layer.train()
+    y1, y2 = layer(x), layer(x)
+    assert not torch.equal(y1, y2)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), reference(layer, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out,r,mode,kw,match", [
+    (128, 64, 0, "default", {}, "r=0"),
+    (32, 64, 64, "default", {}, "r=64 must be in 1..in_features=32"),
+    (96, 64, 64, "bat", {}, "not both divisible by r=64"),
+    (64, 100, 16, "mini", {"mini_r": 16}, "out_features=100 is not divisible by mini_r=16"),
+    (64, 64, 16, "lora", {}, "mode='lora'"),
+], ids=["r=0", "r>in", "bat-indivisible", "mini-indivisible", "bad-mode"])
+def test_layer_rejects_bad_shapes(n_in, n_out, r, mode, kw, match) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        MissLinear(make_base(None, n_in, n_out), r=r, mode=mode, name="model.layers.3.mlp.down_proj", **kw)
+    assert "model.layers.3.mlp.down_proj" in str(info.value)
+
+
+def saved_for_backward(fn) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The tensors autograd saves for backward while ``fn`` runs, and fn's output."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_bat_saves_no_weight_for_backward(bits: int) -> None:
+    """A 4096→11008 layer: what backward keeps is x and B, never a dequantized (out×in) weight."""
+    layer = MissLinear(make_base(bits, 4096, 11008, bias=False), r=64, mode="bat")
+    randomize(layer, 0.01)
+    x = torch.randn(1, 256, 4096, requires_grad=True)
+    saved, y = saved_for_backward(lambda: layer(x))
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    foreign = sum(n for ptr, n in storages.items() if ptr not in own)
+    budget = 2 * (x.numel() * x.element_size() + layer.miss_block.numel() * layer.miss_block.element_size())
+    assert foreign <= budget, [(tuple(t.shape), t.dtype) for t in saved]
+    assert foreign >= x.numel() * x.element_size()  # the hook did see what bat saves
+    y.sum().backward()
+    assert layer.miss_block.grad is not None and x.grad is not None

@@ -1,0 +1,68 @@
+"""quant.py: quantizing, dequantizing whole weights and row ranges."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qmiss import quant
+from tests.conftest import make_base
+
+QUANTS = [(4, "nf4", True), (4, "nf4", False), (4, "fp4", True), (8, "nf4", True)]
+QIDS = ["nf4-dq", "nf4", "fp4-dq", "int8"]
+
+
+@pytest.mark.parametrize("bits,qtype,dq", QUANTS, ids=QIDS)
+def test_quantize_linear_kind_and_dequantized_weight(bits: int, qtype: str, dq: bool) -> None:
+    base = make_base(bits, 128, 96, quant_type=qtype, double_quant=dq)
+    assert quant.quant_bits(base) == bits
+    assert quant.in_out_features(base) == (128, 96)
+    ref = make_base(None, 128, 96).weight
+    weight = quant.dequantize(base)
+    assert weight.shape == (96, 128) and weight.dtype == torch.float32
+    tolerance = 0.02 if bits == 8 else 0.25
+    assert (weight - ref).abs().max() < tolerance * ref.abs().max()
+    if bits == 4:
+        assert quant.quant_type(base) == qtype
+        torch.testing.assert_close(weight, bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state))
+
+
+@pytest.mark.parametrize("bits,qtype,dq", QUANTS, ids=QIDS)
+@pytest.mark.parametrize("n_in", [128, 96, 40], ids=["in=128", "in=96", "in=40"])
+def test_row_ranges_equal_slices_of_the_whole(bits: int, qtype: str, dq: bool, n_in: int) -> None:
+    base = make_base(bits, n_in, 200, quant_type=qtype, double_quant=dq)
+    whole = quant.dequantize(base)
+    rows = quant.row_dequantizer(base, torch.float32)
+    step = min(quant.row_alignment(base) * 8, 200)
+    for a in range(0, 200, step):
+        b = min(a + step, 200)
+        torch.testing.assert_close(rows(a, b), whole[a:b], rtol=0, atol=0)
+
+
+def test_row_dequantizer_casts_to_the_requested_dtype() -> None:
+    base = make_base(4, 64, 64)
+    assert quant.row_dequantizer(base, torch.bfloat16)(0, 64).dtype == torch.bfloat16
+
+
+def test_row_alignment_follows_blocksize() -> None:
+    assert quant.row_alignment(make_base(4, 128, 8)) == 1
+    assert quant.row_alignment(make_base(4, 96, 16)) == 16  # in % blocksize != 0: the whole layer at once
+    assert quant.row_alignment(make_base(8, 40, 16)) == 1
+
+
+def test_quant_bits_rejects_other_modules() -> None:
+    with pytest.raises(TypeError, match="Conv2d"):
+        quant.quant_bits(torch.nn.Conv2d(1, 1, 1))
+
+
+def test_prepare_for_adapter_stops_cpu_repacking() -> None:
+    """An eval no-grad forward must not rewrite the packed weight (bitsandbytes' AVX512-BF16 repack)."""
+    base = make_base(4, 128, 64)
+    quant.prepare_for_adapter(base)
+    before = quant.dequantize(base)
+    base.eval()
+    with torch.no_grad():
+        base(torch.randn(2, 128))
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(quant.dequantize(base), before, rtol=0, atol=0)
