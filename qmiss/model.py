@@ -129,13 +129,37 @@ def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, No
     return have
 
 
-def _upcast_norms(model: nn.Module) -> None:
-    """Layer/RMS norms in fp32, as QLoRA's prepare_model_for_kbit_training leaves them (stable training)."""
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            for param in module.parameters(recurse=False):
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
+def _upcast_for_kbit_training(model: nn.Module) -> None:
+    """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them.
+
+    fp32 norms keep training stable; their fp32 output then flows into the head,
+    which must match it. The input embeddings (a lookup) keep their dtype to save memory.
+    """
+    modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and not isinstance(head, MissLinear) and quant.quant_bits(head) is None:
+        modules.append(head)
+    for module in modules:
+        for param in module.parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+
+
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """transformers' gradient (activation) checkpointing, under its current name, with the KV cache off."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable({"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether any submodule has transformers' checkpointing switched on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLinear]]:
@@ -225,7 +249,7 @@ def prepare_qmiss(
 
     model.requires_grad_(False)
     if config.bits is not None:
-        _upcast_norms(model)
+        _upcast_for_kbit_training(model)
     modules = dict(model.named_modules())
     for name in targets:
         base = modules[name]
@@ -252,9 +276,13 @@ def prepare_qmiss(
     if callable(enable_input_grads):
         enable_input_grads()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        enable_checkpointing(model, use_reentrant=False)
+    if getattr(model, "is_quantized", False):
+        # transformers' Trainer refuses a model loaded through BitsAndBytesConfig as "purely quantized"
+        # unless PEFT adapters are attached (validate_quantization_for_training reads only this flag and
+        # PEFT's classes). Trainable qmiss adapters are attached now; the quantization itself
+        # (hf_quantizer, quantization_method, is_loaded_in_4bit) stays as transformers set it.
+        model.is_quantized = False
     model.qmiss_config = config
     return model
 

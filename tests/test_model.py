@@ -1,0 +1,273 @@
+"""prepare_qmiss on tiny transformers models: PEFT as the oracle, surgery, bad input, training plumbing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import qmiss
+from qmiss import MissLinear, quant
+from qmiss.model import enable_checkpointing, is_checkpointing
+from tests.conftest import tiny_llama
+
+BITS = [4, 8, None]
+BIT_IDS = ["4bit", "8bit", "16bit"]
+MODES = ["default", "mini", "bat"]
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def load(path: str, bits: int | None):
+    """The saved tiny model, loaded through transformers' BitsAndBytesConfig (4/8-bit) or in fp32."""
+    config = {
+        4: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32),
+        8: BitsAndBytesConfig(load_in_8bit=True),
+        None: None,
+    }[bits]
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=torch.float32)
+
+
+def mode_kwargs(mode: str) -> dict:
+    return {"mode": mode, "mini_r": 16 if mode == "mini" else None}
+
+
+def randomize_adapters(model, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    values = {}
+    with torch.no_grad():
+        for name, layer in qmiss.miss_layers(model):
+            values[name] = torch.randn(layer.miss_block.shape, generator=gen) * 0.02
+            layer.miss_block.copy_(values[name])
+    return values
+
+
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_match_peft_miss(tiny_dir: str, mode: str, bits: int | None) -> None:
+    from peft import MissConfig, get_peft_model
+
+    ours = qmiss.prepare_qmiss(load(tiny_dir, bits), r=16, bits=bits, **mode_kwargs(mode))
+    init_weights = {"default": True, "mini": "mini", "bat": "bat"}[mode]
+    theirs = get_peft_model(load(tiny_dir, bits), MissConfig(r=16, init_weights=init_weights, mini_r=16,
+                                                             target_modules="all-linear"))
+    for module in theirs.modules():  # same canonical 4-bit layout on both sides (see quant.prepare_for_adapter)
+        if isinstance(module, torch.nn.Linear) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    values = randomize_adapters(ours)
+    peft_layers = dict(theirs.base_model.model.named_modules())
+    assert len(values) == 2 * len(LINEARS)
+    with torch.no_grad():
+        for name, value in values.items():
+            peft_layers[name].miss_block["default"].copy_(value)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
+        with qmiss.disable_adapter(ours):
+            base_logits = ours(ids).logits
+    assert (ours_logits - base_logits).abs().max() > 1e-2  # the adapters matter
+    assert (ours_logits - theirs_logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_full_precision_model_is_quantized_and_wrapped(bits: int) -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=bits)
+    layers = dict(qmiss.miss_layers(model))
+    assert sorted({name.split(".")[-1] for name in layers}) == sorted(LINEARS)
+    assert all(layer.bits == bits for layer in layers.values())
+    assert quant.quant_bits(model.lm_head) is None and not isinstance(model.lm_head, MissLinear)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.qmiss_config.bits == bits and model.qmiss_config.compute_dtype == torch.float32
+    if bits == 4:
+        layer = layers["model.layers.0.mlp.down_proj"]
+        assert quant.quant_type(layer.base_layer) == "nf4" and layer.base_layer.weight.quant_state.nested
+    else:
+        assert layers["model.layers.0.mlp.down_proj"].base_layer.state.threshold == 6.0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.miss_block" for n in layers]
+
+
+def test_fp4_without_double_quant() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, quant_type="fp4", double_quant=False)
+    base = model.model.layers[0].self_attn.q_proj.base_layer
+    assert quant.quant_type(base) == "fp4" and not base.weight.quant_state.nested
+
+
+def test_bf16_model_gets_fp32_norms_and_runs() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama().to(torch.bfloat16), r=16, bits=4)
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    out = model(torch.randint(0, 256, (2, 8)), labels=torch.randint(0, 256, (2, 8)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_unquantized_base_keeps_its_linears() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=None)
+    assert all(type(layer.base_layer) is torch.nn.Linear for _, layer in qmiss.miss_layers(model))
+
+
+def test_preloaded_quantization_is_kept(tiny_dir: str) -> None:
+    model = qmiss.prepare_qmiss(load(tiny_dir, 8), r=16)  # bits="auto"
+    assert model.qmiss_config.bits == 8
+    assert all(layer.bits == 8 for _, layer in qmiss.miss_layers(model))
+
+
+@pytest.mark.parametrize("loaded,asked", [(4, 8), (8, 4), (4, None)], ids=["4-as-8", "8-as-4", "4-as-16"])
+def test_bits_contradicting_the_loaded_model(tiny_dir: str, loaded: int, asked: int | None) -> None:
+    with pytest.raises(ValueError, match=f"bits={asked!r}, but the model was loaded in {loaded}-bit"):
+        qmiss.prepare_qmiss(load(tiny_dir, loaded), r=16, bits=asked)
+
+
+def test_target_and_exclude_modules() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, target_modules=["q_proj", "v_proj"],
+                                exclude_modules=r"model\.layers\.1\..*")
+    assert [n for n, _ in qmiss.miss_layers(model)] == ["model.layers.0.self_attn.q_proj",
+                                                       "model.layers.0.self_attn.v_proj"]
+    assert quant.quant_bits(model.model.layers[0].mlp.up_proj) is None  # untargeted layers stay as they were
+
+
+def test_init_weights_alias() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=None, init_weights="bat")
+    assert model.qmiss_config.mode == "bat" and model.qmiss_config.init_weights == "bat"
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=None, init_weights=True)
+    assert model.qmiss_config.mode == "default"
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"r": 0}, ValueError, "r=0 must be a positive int"),
+    ({"r": -4}, ValueError, "r=-4"),
+    ({"r": 128}, ValueError, r"model\.layers\.0\.self_attn\.q_proj: r=128 > in_features=64"),
+    ({"r": 48, "mode": "bat"}, ValueError, r"model\.layers\.0\.self_attn\.q_proj: in_features=64, out_features=64 "
+                                           r"not divisible by r=48.*model\.layers\.1\.mlp\.down_proj.*mode='default'"),
+    ({"mode": "mini", "mini_r": 48}, ValueError, r"model\.layers\.0\.self_attn\.k_proj: out_features=32 is not "
+                                                 r"divisible by mini_r=48"),
+    ({"mode": "mini"}, ValueError, "mode='mini' needs mini_r"),
+    ({"bits": 3}, ValueError, "bits=3 is not supported"),
+    ({"bits": 2}, ValueError, "bits=2"),
+    ({"quant_type": "int4"}, ValueError, "quant_type='int4' is not supported; use 'nf4' or 'fp4'"),
+    ({"target_modules": ["qkv"]}, ValueError, r"matches no linear layer; the model's linear layers are: "
+                                              r"model\.layers\.0\.self_attn\.q_proj"),
+    ({"mode": "lora"}, ValueError, "mode='lora' is not one of"),
+    ({"init_weights": False}, ValueError, "init_weights=False is not supported"),
+    ({"mode": "bat", "init_weights": "mini"}, ValueError, "disagree"),
+    ({"mode": "bat", "dropout": 0.1}, ValueError, "dropout=0.1 with mode='bat'"),
+    ({"dropout": 1.5}, ValueError, r"dropout=1\.5 must be in \[0, 1\)"),
+], ids=["r=0", "r<0", "r>in", "bat-indivisible", "mini-indivisible", "mini-no-mini_r", "bits=3", "bits=2",
+        "quant_type", "no-match", "bad-mode", "init_weights=False", "mode-vs-alias", "bat-dropout", "dropout>1"])
+def test_bad_input_is_a_clear_error(kwargs: dict, error: type, match: str) -> None:
+    kwargs = {"r": 16, **kwargs}
+    model = tiny_llama()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        qmiss.prepare_qmiss(model, **kwargs)
+    assert not list(qmiss.miss_layers(model))  # nothing changed
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_bat_error_lists_every_offending_module() -> None:
+    with pytest.raises(ValueError) as info:
+        qmiss.prepare_qmiss(tiny_llama(), r=48, mode="bat")
+    offenders = re.findall(r"(model\.layers\.\d\.\w+\.\w+):", str(info.value))
+    assert len(offenders) == 2 * len(LINEARS)
+
+
+def test_prepare_twice_is_an_error() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4)
+    with pytest.raises(ValueError, match="already has qmiss adapters; prepare_qmiss is called once"):
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+
+
+def test_conv1d_layers_are_named_in_an_error() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D.*exclude_modules"):
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+
+
+def test_trainable_parameters_prints_a_peft_style_line(capsys) -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4)
+    trainable, total = qmiss.trainable_parameters(model)
+    expected = sum(layer.miss_block.numel() for _, layer in qmiss.miss_layers(model))
+    assert trainable == expected
+    assert total == sum(p.numel() for p in tiny_llama().parameters()) + expected  # 4-bit weights counted as values
+    line = capsys.readouterr().out
+    assert line.startswith(f"trainable params: {expected:,d} || all params: {total:,d} || trainable%:")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disable_adapter_gives_the_base_output(mode: str) -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, **mode_kwargs(mode)).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        base = model(ids).logits
+        randomize_adapters(model)
+        adapted = model(ids).logits
+        with qmiss.disable_adapter(model):
+            disabled = model(ids).logits
+        after = model(ids).logits
+    tol = 1e-5 if mode == "bat" else 0
+    assert (disabled - base).abs().max() <= tol * base.abs().max()
+    assert (adapted - base).abs().max() > 1e-2
+    assert torch.equal(after, adapted)
+
+
+def adapter_grads(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {n: layer.miss_block.grad.clone() for n, layer in qmiss.miss_layers(model)}
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode: str, reentrant: bool) -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    plain = adapter_grads(model, ids)
+    enable_checkpointing(model, use_reentrant=reentrant)
+    assert is_checkpointing(model)
+    checkpointed = adapter_grads(model, ids)
+    for name in plain:
+        assert plain[name].abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_prepare_turns_on_gradient_checkpointing() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, gradient_checkpointing=True)
+    assert is_checkpointing(model) and model.config.use_cache is False
+
+
+def test_generate_works() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4).eval()
+    randomize_adapters(model)
+    out = model.generate(torch.randint(0, 256, (2, 5)), max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 9)
+
+
+@pytest.mark.parametrize("preloaded", [False, True], ids=["quantized-by-qmiss", "loaded-4bit"])
+def test_transformers_trainer_trains_only_the_adapters(tmp_path, tiny_dir: str, preloaded: bool) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = load(tiny_dir, 4) if preloaded else tiny_llama()
+    model = qmiss.prepare_qmiss(model, r=16, bits=4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (8, 16), generator=gen)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert all(layer.miss_block.abs().sum() > 0 for _, layer in qmiss.miss_layers(model))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
