@@ -271,3 +271,13 @@ def test_transformers_trainer_trains_only_the_adapters(tmp_path, tiny_dir: str, 
     trainer.train()
     assert all(layer.miss_block.abs().sum() > 0 for _, layer in qmiss.miss_layers(model))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_defaults_to_bf16_compute_and_trains(mode: str) -> None:
+    model = qmiss.prepare_qmiss(tiny_llama().to("cuda", torch.bfloat16), r=16, bits=4, **mode_kwargs(mode))
+    assert model.qmiss_config.compute_dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (2, 16), device="cuda")
+    model(ids, labels=ids).loss.backward()
+    assert all(layer.miss_block.grad is not None for _, layer in qmiss.miss_layers(model))
