@@ -60,21 +60,24 @@ def miss_delta_weight(block: torch.Tensor, in_features: int) -> torch.Tensor:
     return block.t().repeat(1, reps)[:, :in_features]  # (out, in)
 
 
-def bat_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def bat_weight(weight: torch.Tensor, block: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W' = W + ΔW for bat, blockwise W'_ij = W_ij (I + B_i) + B_i.
 
     Args:
         weight: (rows, in) with rows % r == 0 and in % r == 0; a run of whole row-blocks.
         block: (rows/r, r, r), the B_i of those row-blocks.
+        out: optional contiguous buffer with ``weight``'s numel at least; reused to spare an allocation.
 
     Returns:
-        (rows, in), a new tensor.
+        (rows, in): ``out``'s prefix if given, else a new tensor.
     """
     n_blocks, r, _ = block.shape
     n_in = weight.shape[1]
     w = weight.view(n_blocks, n_in, r)  # (nb, r·(in/r), r): the r-wide rows of every W_ij of row-block i
     eye = torch.eye(r, dtype=block.dtype, device=block.device)
-    out = torch.bmm(w, block + eye)  # W_ij (I + B_i), every j in one batched product
+    if out is not None:
+        out = out.view(-1)[: weight.numel()].view(n_blocks, n_in, r)
+    out = torch.bmm(w, block + eye, out=out)  # W_ij (I + B_i), every j in one batched product
     out.view(n_blocks, r, n_in // r, r).add_(block.unsqueeze(2))  # + B_i on every block of row-block i
     return out.view(weight.shape)
 
@@ -109,9 +112,16 @@ def bat_block_grad(weight: torch.Tensor, grad_weight: torch.Tensor, r: int) -> t
 
 
 def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budget_bytes: int, itemsize: int) -> int:
-    """Rows per bat chunk: a multiple of r and of ``alignment``, about ``budget_bytes`` of weight, at least one unit."""
+    """Rows per bat chunk, so that a chunk's transient tensors fit in ``budget_bytes``.
+
+    At any moment :class:`BatLinear` holds two weight-chunk-sized tensors: the
+    dequantized rows W_c and W'_c (forward, and backward for dx), or W_c and
+    G_c = g_cᵀ x (backward for dB). So a chunk is ``budget / (2 · in · itemsize)``
+    rows, rounded down to a multiple of r and of the dequantizer's ``alignment``;
+    never less than one such unit, never more than the layer.
+    """
     unit = r * alignment // _gcd(r, alignment)
-    rows = budget_bytes // max(1, in_features * itemsize) // unit * unit
+    rows = budget_bytes // (2 * in_features * itemsize) // unit * unit
     return min(max(rows, unit), out_features)
 
 
@@ -143,10 +153,13 @@ class BatLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         y = x2.new_empty(x2.shape[0], out_features)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice
+            # one W' buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults
+            buffer = x2.new_empty(min(chunk, out_features), x2.shape[1])
             for a in range(0, out_features, chunk):
                 b = min(a + chunk, out_features)
-                w = bat_weight(rows(a, b), block[a // r : b // r])  # (b - a, in)
+                w = bat_weight(rows(a, b), block[a // r : b // r], out=buffer)  # (b - a, in)
                 y[:, a:b] = x2 @ w.t()
+            del w, buffer
             if bias is not None:
                 y += bias
         ctx.save_for_backward(x, block)
@@ -164,14 +177,18 @@ class BatLinear(torch.autograd.Function):
         grad_x = torch.zeros_like(x2) if need_x else None
         grad_block = torch.empty_like(block) if need_block else None
         with torch.autocast(x.device.type, enabled=False):
+            buffer = x2.new_empty(min(ctx.chunk, out_features), x2.shape[1])  # W'_c, then G_c
             for a in range(0, out_features, ctx.chunk):
                 b = min(a + ctx.chunk, out_features)
                 w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
                 g = g2[:, a:b]  # (N, b - a)
                 if need_x:
-                    grad_x.addmm_(g, bat_weight(w, block[a // r : b // r]))
+                    grad_x.addmm_(g, bat_weight(w, block[a // r : b // r], out=buffer))
                 if need_block:
-                    grad_block[a // r : b // r] = bat_block_grad(w, g.t() @ x2, r)
+                    grad_w = torch.mm(g.t(), x2, out=buffer[: b - a])  # G_c = g_cᵀ x, (b - a, in)
+                    grad_block[a // r : b // r] = bat_block_grad(w, grad_w, r)
+                del w
+            del buffer
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = grad_x.view_as(x) if need_x else None
         return grad_x, grad_block, grad_bias, None, None, None

@@ -34,6 +34,8 @@ RowDequantizer = Callable[[int, int], torch.Tensor]
 
 #: transformers' default ``llm_int8_threshold``: activations above it take the fp16 outlier path.
 INT8_THRESHOLD = 6.0
+#: 1/127 as bitsandbytes writes it, so dequantized int8 rows match its own to the bit.
+INT8_SCALE = 7.874015718698502e-3
 
 
 def quant_bits(module: nn.Module) -> Optional[int]:
@@ -184,8 +186,9 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
         scales = _int8_scales(module)
 
         def rows_int8(a: int, b: int) -> torch.Tensor:
-            # fp32 like bitsandbytes' int8_vectorwise_dequant, then one rounding to dtype
-            return (weight[a:b].float() * (scales[a:b, None].float() / 127.0)).to(dtype)
+            # bitsandbytes' int8_vectorwise_dequant (CB · SCB · 1/127 in fp32), in place on one fp32 buffer
+            rows = weight.data[a:b].float().mul_(scales[a:b, None]).mul_(INT8_SCALE)
+            return rows.to(dtype)
 
         return rows_int8
 

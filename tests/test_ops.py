@@ -88,9 +88,10 @@ def test_bat_linear_gradcheck(chunk: int) -> None:
 
 
 def test_chunk_rows_respects_r_alignment_and_budget() -> None:
-    assert ops.chunk_rows(4096, 4096, 64, 1, 64 * 2**20, 4) == 4096
+    assert ops.chunk_rows(4096, 4096, 64, 1, 128 * 2**20, 4) == 4096
+    assert ops.chunk_rows(4096, 4096, 64, 1, 64 * 2**20, 4) == 2048  # W_c and W'_c: two chunks in the budget
     rows = ops.chunk_rows(11008, 4096, 64, 1, 8 * 2**20, 2)
-    assert rows % 64 == 0 and rows * 4096 * 2 <= 8 * 2**20
+    assert rows % 64 == 0 and 2 * rows * 4096 * 2 <= 8 * 2**20
     assert ops.chunk_rows(1000, 4096, 8, 1, 1, 4) == 8  # never below one block row
     assert ops.chunk_rows(4096, 576, 64, 1 * 64 // 64, 10**9, 4) == 4096
     assert ops.chunk_rows(640, 96, 32, 2, 1, 4) == 32  # lcm(r, alignment)
