@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     MB,
+    Report,
     device_and_dtype,
     layer7b_case,
     peft_lora_variant,
@@ -63,23 +65,27 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_bat.md"),
+                        help="markdown file the tables are also written to")
     args = parser.parse_args()
 
     device, dtype = device_and_dtype()
-    print(f"# bench_bat: {' '.join(sys.argv)}")
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'},"
-          f" {torch.get_num_threads()} threads), compute {dtype}, {args.bits}-bit base, torch {torch.__version__}\n")
+    report = Report(args.out)
+    report.add(f"# bench_bat: `python {' '.join(sys.argv)}`\n")
+    report.add(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'},"
+               f" {torch.get_num_threads()} threads), compute {dtype}, {args.bits}-bit base (nf4, double quant), "
+               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for key in CASES if args.case == "all" else [args.case]:
         case = CASES[key](args.bits)
         for batch, seq in shapes:
             results = run_case(case, VARIANTS, batch, seq, warmup=args.warmup, steps=args.steps)
             title = f"{case.name}, {args.bits}-bit, batch {batch}×{seq}"
-            print(table(results, "PEFT MiSS bat", title))
             data = case.make_batch(batch, seq)
             input_bytes = sum(t.numel() * t.element_size() for t in data.values() if t.is_floating_point())
-            print(f"\ninput activations {input_bytes / MB:.1f} MB\n")
-            print(targets(results, input_bytes) + "\n", flush=True)
+            report.add(table(results, "PEFT MiSS bat", title) + f"\n\ninput activations {input_bytes / MB:.1f} MB\n")
+            report.add("targets (the issue sets them for the 7B-shaped layer at 1×256):\n")
+            report.add(targets(results, input_bytes) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import os
 import re
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -225,3 +227,19 @@ def table(results: list[Result], reference: str, title: str) -> str:
         lines.append(f"| {r.variant} | {r.trainable:,d} | {r.median_s:.3f} | {r.median_s / ref.median_s:.2f} | "
                      f"{r.saved_bytes / MB:.1f} | {r.peak_bytes / MB:.1f} | {r.rss_mb:.0f} |")
     return "\n".join(lines)
+
+
+class Report:
+    """Prints each part as it is measured and rewrites the markdown file after each (atomically)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.parts: list[str] = []
+
+    def add(self, text: str) -> None:
+        print(text, flush=True)
+        self.parts.append(text)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("\n".join(self.parts) + "\n")
+        os.replace(tmp, self.path)

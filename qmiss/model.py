@@ -16,8 +16,12 @@ from qmiss.layer import MissLinear
 AUTO = "auto"
 
 
-def _default_compute_dtype(model: nn.Module) -> torch.dtype:
-    """bf16 on CUDA (fast, what QLoRA uses), fp32 on CPU (bf16 matmuls are slow there)."""
+def _default_compute_dtype(model: nn.Module, targets: list[nn.Module]) -> torch.dtype:
+    """The loaded 4-bit layers' own compute dtype (BitsAndBytesConfig's bnb_4bit_compute_dtype) if set;
+    else bf16 on CUDA (fast, what QLoRA uses) and fp32 on the CPU (bf16 matmuls are slow there)."""
+    for module in targets:
+        if quant.quant_bits(module) == 4 and module.compute_dtype is not None:
+            return module.compute_dtype
     param = next(model.parameters(), None)
     on_cuda = param is not None and param.device.type == "cuda"
     return torch.bfloat16 if on_cuda else torch.float32
@@ -239,18 +243,20 @@ def prepare_qmiss(
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         dropout=dropout,
-        compute_dtype=compute_dtype or _default_compute_dtype(model),
+        compute_dtype=compute_dtype,
         bat_chunk_bytes=bat_chunk_bytes,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     targets = find_targets(model, config)
     _check_shapes(model, targets, config)
     config.bits = _resolve_bits(model, targets, bits)
+    modules = dict(model.named_modules())
+    if config.compute_dtype is None:
+        config.compute_dtype = _default_compute_dtype(model, [modules[n] for n in targets])
 
     model.requires_grad_(False)
     if config.bits is not None:
         _upcast_for_kbit_training(model)
-    modules = dict(model.named_modules())
     for name in targets:
         base = modules[name]
         if config.bits is not None and quant.quant_bits(base) is None:

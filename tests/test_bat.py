@@ -76,3 +76,21 @@ def test_7b_layer_memory_stays_at_one_chunk(bits: int) -> None:
     activations = nbytes(grad_out) + nbytes(x) + adapter
     assert report.peak_bytes <= 1.1 * (budget + activations), report
     assert report.peak_bytes >= budget // 2  # the tracker did see the chunks
+
+
+@pytest.mark.gpu
+def test_bat_under_cuda_autocast_matches_bf16_reference() -> None:
+    base = make_base(4, 256, 512, quant_type="nf4").to("cuda")
+    layer = MissLinear(base, r=64, mode="bat", compute_dtype=torch.bfloat16, bat_chunk_bytes=2 * 256 * 2 * 128)
+    with torch.no_grad():
+        layer.miss_block.copy_(torch.randn_like(layer.miss_block) * 0.05)
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().pow(2).mean().backward()
+    from qmiss import quant
+
+    weight = quant.dequantize(base).float()
+    ref = x.detach() @ (weight + ref_bat_delta(weight, layer.miss_block.detach())).t() + base.bias.float()
+    assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert layer.miss_block.grad is not None and torch.isfinite(layer.miss_block.grad).all()

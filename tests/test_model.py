@@ -281,3 +281,12 @@ def test_cuda_defaults_to_bf16_compute_and_trains(mode: str) -> None:
     ids = torch.randint(0, 256, (2, 16), device="cuda")
     model(ids, labels=ids).loss.backward()
     assert all(layer.miss_block.grad is not None for _, layer in qmiss.miss_layers(model))
+
+
+def test_preloaded_4bit_keeps_its_compute_dtype(tiny_dir: str) -> None:
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config, device_map="cpu")
+    model = qmiss.prepare_qmiss(model, r=16)
+    assert model.qmiss_config.compute_dtype == torch.bfloat16
+    assert all(layer.compute_dtype == torch.bfloat16 for _, layer in qmiss.miss_layers(model))
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 6))).logits).all()
