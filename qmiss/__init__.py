@@ -5,18 +5,41 @@
 """
 
 from qmiss.config import QMissConfig
+from qmiss.io import (
+    export_lora,
+    export_merged,
+    from_pretrained,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    read_adapter,
+    save_adapter,
+    unmerge,
+)
 from qmiss.layer import MissLinear
+from qmiss.memory import PeakReport, measure_peak
 from qmiss.model import adapter_state_dict, disable_adapter, miss_layers, prepare_qmiss, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MissLinear",
+    "PeakReport",
     "QMissConfig",
     "adapter_state_dict",
     "disable_adapter",
+    "export_lora",
+    "export_merged",
+    "from_pretrained",
+    "load_adapter",
+    "measure_peak",
+    "merge",
+    "merge_and_unload",
     "miss_layers",
     "prepare_qmiss",
+    "read_adapter",
+    "save_adapter",
     "trainable_parameters",
+    "unmerge",
     "__version__",
 ]

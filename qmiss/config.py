@@ -100,3 +100,91 @@ class QMissConfig:
     def init_weights(self) -> Union[bool, str]:
         """PEFT's spelling of :attr:`mode`."""
         return init_weights_from_mode(self.mode)
+
+    def to_peft_dict(self, target_modules: list[str]) -> dict:
+        """The ``adapter_config.json`` payload: PEFT's ``MissConfig`` fields plus a ``qmiss`` section.
+
+        PEFT ignores keys it does not know (with a warning), so the quantization
+        settings qmiss needs to rebuild the model travel in the same file.
+
+        Args:
+            target_modules: the module names to record (PEFT matches them exactly or by suffix).
+        """
+        from qmiss import __version__
+
+        return {
+            "peft_type": "MISS",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "mini_r": self.mini_r if self.mini_r is not None else 1,
+            "miss_dropout": self.dropout,
+            "init_weights": self.init_weights,
+            "target_modules": sorted(target_modules),
+            "exclude_modules": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": "none",
+            "modules_to_save": None,
+            "inference_mode": True,
+            "qmiss": {
+                "version": __version__,
+                "mode": self.mode,
+                "bits": self.bits,
+                "quant_type": self.quant_type,
+                "double_quant": self.double_quant,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch.") if self.compute_dtype else None,
+            },
+        }
+
+    @classmethod
+    def from_peft_dict(cls, payload: dict, source: str = "adapter_config.json") -> "QMissConfig":
+        """Read PEFT's MiSS (``"peft_type": "MISS"``) or Bone (``"BONE"``) config, and qmiss's section if present.
+
+        Raises:
+            ValueError: a wrong peft_type, or a field of the wrong type or out of range, naming the field.
+        """
+        if not isinstance(payload, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(payload).__name__}")
+        peft_type = payload.get("peft_type")
+        if peft_type not in ("MISS", "BONE"):
+            raise ValueError(f"{source}: peft_type={peft_type!r} is not a MiSS adapter; expected 'MISS' or 'BONE'")
+        r = payload.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 2**16:
+            raise ValueError(f"{source}: r={r!r} must be an int in 1..65536")
+        extra = payload.get("qmiss") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{source}: 'qmiss' must be an object, got {type(extra).__name__}")
+        init_weights = payload.get("init_weights", True)
+        if not isinstance(init_weights, (bool, str)):
+            raise ValueError(f"{source}: init_weights={init_weights!r} must be true, 'mini' or 'bat'")
+        mode = mode_from_init_weights(init_weights)
+        mini_r = payload.get("mini_r") if mode == "mini" else None
+        dropout = payload.get("miss_dropout", payload.get("bone_dropout", 0.0)) if mode != "bat" else 0.0
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ValueError(f"{source}: miss_dropout={dropout!r} must be a number in [0, 1)")
+        targets = payload.get("target_modules") or "all-linear"
+        if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{source}: target_modules must be a string or a list of strings")
+        dtype_name = extra.get("compute_dtype")
+        compute_dtype = None
+        if dtype_name is not None:
+            compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
+            if compute_dtype is None:
+                raise ValueError(f"{source}: qmiss.compute_dtype={dtype_name!r} must be float32, bfloat16 or float16")
+        base = payload.get("base_model_name_or_path")
+        try:
+            return cls(
+                r=r,
+                mode=mode,
+                mini_r=mini_r,
+                bits=extra.get("bits", 4),
+                quant_type=extra.get("quant_type", "nf4"),
+                double_quant=bool(extra.get("double_quant", True)),
+                target_modules=targets,
+                dropout=float(dropout),
+                compute_dtype=compute_dtype,
+                base_model_name_or_path=base if isinstance(base, str) else None,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc

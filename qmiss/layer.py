@@ -77,6 +77,7 @@ class MissLinear(nn.Module):
         device = next(base_layer.parameters()).device
         self.miss_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
+        self.merged = False  # True once the adapter is folded into an unquantized base weight
 
     @property
     def bits(self) -> int | None:
@@ -105,8 +106,48 @@ class MissLinear(nn.Module):
             return ops.bat_delta_weight(weight, self.miss_block.to(dtype))
         return ops.miss_delta_weight(self.adapter_weight().to(dtype), self.in_features)
 
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequantize(W) + ΔW (bat: W(I + B) + B blockwise), computed in fp32, returned in ``dtype``."""
+        weight = quant.dequantize(self.base_layer, torch.float32)
+        block = self.miss_block.detach().float()
+        if self.mode == "bat":
+            return ops.bat_weight(weight, block).to(dtype)
+        return weight.add_(ops.miss_delta_weight(self.adapter_weight().detach().float(), self.in_features)).to(dtype)
+
+    def merge(self) -> None:
+        """Fold the adapter into an unquantized base weight, in place; merging twice is merging once.
+
+        Raises:
+            ValueError: for a 4/8-bit base, where writing W + ΔW back re-quantizes it (lossy).
+        """
+        if self.merged:
+            return
+        if self.bits is not None:
+            raise ValueError(
+                f"{self.name}: merging into a {self.bits}-bit weight re-quantizes it and loses the adapter's precision; "
+                "use qmiss.merge_and_unload(model) or qmiss.export_merged(model, dir) for an exact 16-bit model"
+            )
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(self.merged_weight(torch.float32).to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (bat: W = (W' − B)(I + B)⁻¹, inverse in fp32)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            merged, block = weight.float(), self.miss_block.detach().float()
+            if self.mode == "bat":
+                restored = ops.bat_unmerge(merged, block)
+            else:
+                restored = merged - ops.miss_delta_weight(self.adapter_weight().detach().float(), self.in_features)
+            weight.copy_(restored.to(weight.dtype))
+        self.merged = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
+        if self.merged or self.disabled:  # merged: the base weight already holds the adapter
             return self.base_layer(x)
         if self.mode == "bat":
             return self._forward_bat(x)

@@ -255,6 +255,9 @@ def prepare_qmiss(
         config.compute_dtype = _default_compute_dtype(model, [modules[n] for n in targets])
 
     model.requires_grad_(False)
+    for module in model.modules():  # untargeted 4-bit layers too: eval must see the weights training saw
+        if quant.is_linear(module):
+            quant.prepare_for_adapter(module)
     if config.bits is not None:
         _upcast_for_kbit_training(model)
     for name in targets:
@@ -321,6 +324,9 @@ def trainable_parameters(model: nn.Module, verbose: bool = True) -> tuple[int, i
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block, every MissLinear returns its base layer's output."""
     layers = [layer for _, layer in miss_layers(model)]
+    merged = [layer.name for layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"{merged[0]} (and {len(merged) - 1} more) hold merged weights; call qmiss.unmerge(model) first")
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True

@@ -92,6 +92,24 @@ def bat_delta_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return delta.view(weight.shape)
 
 
+def bat_unmerge(merged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Invert :func:`bat_weight`: W = (W' − B)(I + B)⁻¹ blockwise, the inverse taken in fp32.
+
+    Args:
+        merged: (rows, in) W'.
+        block: (rows/r, r, r).
+
+    Returns:
+        (rows, in) W in ``merged``'s dtype.
+    """
+    n_blocks, r, _ = block.shape
+    n_in = merged.shape[1]
+    eye = torch.eye(r, dtype=torch.float32, device=block.device)
+    inverse = torch.linalg.inv(block.float() + eye).to(merged.dtype)  # (nb, r, r)
+    shifted = (merged.view(n_blocks, r, n_in // r, r) - block.to(merged.dtype).unsqueeze(2)).view(n_blocks, n_in, r)
+    return torch.bmm(shifted, inverse).view(merged.shape)
+
+
 def bat_block_grad(weight: torch.Tensor, grad_weight: torch.Tensor, r: int) -> torch.Tensor:
     """dL/dB from dL/dW' for a run of row-blocks: dB_i = Σ_j (W_ij + I)ᵀ G_ij.
 
