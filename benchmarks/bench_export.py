@@ -3,8 +3,8 @@
     python benchmarks/bench_export.py
 
 For each mode: RSS before the export (quantized model with adapters loaded), process peak RSS during
-`qmiss.export_merged(..., dtype=bf16)` (VmHWM reset just before), the live-tensor peak of tensors the
-export creates, and the size of what it wrote. For contrast, the same figures for
+`qmiss.export_merged(..., dtype=bf16)` (VmHWM reset just before) with one 2 GB shard and with 100 MB
+shards, the live-tensor peak of tensors the export creates, and the size of what it wrote. For contrast, the same figures for
 `merge_and_unload` + `save_pretrained`, which holds the whole merged model at once.
 """
 
@@ -48,13 +48,15 @@ def main() -> None:
     report.add("| mode | method | model tensors MB | peak RSS growth MB | live-tensor peak MB | written MB | s |\n"
                "|---|---|---:|---:|---:|---:|---:|")
     for mode in ["default", "bat"]:
-        for method in ["export_merged", "merge_and_unload + save_pretrained"]:
+        for method in ["export_merged", "export_merged 100MB shards", "merge_and_unload + save_pretrained"]:
             model = _prepared(mode)
             model_mb = _tensor_mb(model)
             with tempfile.TemporaryDirectory() as folder:
-                if method == "export_merged":
+                if method.startswith("export_merged"):
+                    shard = "100MB" if "shards" in method else "2GB"
+
                     def run():
-                        qmiss.export_merged(model, folder, dtype=torch.bfloat16)
+                        qmiss.export_merged(model, folder, dtype=torch.bfloat16, max_shard_size=shard)
                 else:
                     def run():
                         qmiss.merge_and_unload(model, dtype=torch.bfloat16).save_pretrained(folder)
@@ -63,7 +65,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 written = sum(p.stat().st_size for p in Path(folder).iterdir()) / MB
                 live_mb = float("nan")
-                if method == "export_merged":  # the model is unchanged by the export: measure a second one
+                if method.startswith("export_merged"):  # the model is unchanged by the export: measure again
                     live_mb = measure_peak(run).peak_bytes / MB
             report.add(f"| {mode} | {method} | {model_mb:.0f} | {rss:.0f} | {live_mb:.0f} | {written:.0f} | "
                        f"{seconds:.1f} |")

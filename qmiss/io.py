@@ -393,7 +393,7 @@ def export_merged(
         hf_config = copy.deepcopy(model.config)
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config
-        hf_config.torch_dtype = dtype
+        setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)  # transformers 5 / 4
         hf_config.use_cache = True
         hf_config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:

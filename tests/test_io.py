@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import qmiss
 from qmiss import io, quant
-from tests.conftest import tiny_llama
-from tests.test_model import load, mode_kwargs, randomize_adapters, tiny_dir  # noqa: F401 (fixture)
+from tests.conftest import load, mode_kwargs, randomize_adapters, tiny_llama
 
 MODES = ["default", "mini", "bat"]
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))

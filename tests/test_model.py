@@ -11,44 +11,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import qmiss
 from qmiss import MissLinear, quant
 from qmiss.model import enable_checkpointing, is_checkpointing
-from tests.conftest import tiny_llama
+from tests.conftest import load, mode_kwargs, randomize_adapters, tiny_llama
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
 MODES = ["default", "mini", "bat"]
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
-    return str(path)
-
-
-def load(path: str, bits: int | None):
-    """The saved tiny model, loaded through transformers' BitsAndBytesConfig (4/8-bit) or in fp32."""
-    config = {
-        4: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32),
-        8: BitsAndBytesConfig(load_in_8bit=True),
-        None: None,
-    }[bits]
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=torch.float32)
-
-
-def mode_kwargs(mode: str) -> dict:
-    return {"mode": mode, "mini_r": 16 if mode == "mini" else None}
-
-
-def randomize_adapters(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    values = {}
-    with torch.no_grad():
-        for name, layer in qmiss.miss_layers(model):
-            values[name] = torch.randn(layer.miss_block.shape, generator=gen) * 0.02
-            layer.miss_block.copy_(values[name])
-    return values
 
 
 @pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
