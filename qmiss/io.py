@@ -53,7 +53,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
 
 
@@ -78,7 +79,7 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     payload = config.to_peft_dict(list(layers))
     payload["qmiss"]["modules"] = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_json(directory / CONFIG_NAME, payload)
+    atomic_write_json(directory / CONFIG_NAME, payload)
     return directory
 
 
@@ -463,5 +464,5 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
     }
     out_dir = Path(out_dir)
     _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_json(out_dir / CONFIG_NAME, payload)
+    atomic_write_json(out_dir / CONFIG_NAME, payload)
     return out_dir

@@ -1,0 +1,349 @@
+"""qmiss-train: supervised fine-tuning on query → response pairs with MiSS on a 4/8-bit base.
+
+    qmiss-train                                   # built-in demo: SmolLM2-135M-Instruct, arithmetic problems
+    qmiss-train --base_model_name_or_path meta-llama/Llama-2-7b-hf --data_path meta-math/MetaMathQA \\
+        --dataset_split "train[:100000]" --dataset_field query response --output_dir out --miss_r 64 \\
+        --bits 4 --init_weights bat --bf16 --num_train_epochs 1 --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 32 --learning_rate 2e-5 --gradient_checkpointing
+
+The flags mirror the MiSS reference fine-tuning script (HfArgumentParser over the three
+dataclasses below, TrainingArguments included). The prompt is masked out of the loss, EOS
+is appended, sequences are truncated to ``--model_max_length`` and padded per batch.
+Checkpoints and the output folder hold the adapter in PEFT's MiSS format (never the frozen
+base), the tokenizer, the arguments and a ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+import qmiss
+from qmiss.config import mode_from_init_weights
+from qmiss.io import atomic_write_json, load_adapter, save_adapter
+from qmiss.smollm import smollm2_path
+
+# The reference script's prompt (Alpaca-style, as used for MetaMathQA).
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{query}\n\n### Response:"
+)
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What the built-in demo uses for flags the user did not give.
+DEMO_DEFAULTS = {"prompt_template": "{query}\n", "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_steps": 60, "warmup_steps": 6,
+                 "lr_scheduler_type": "cosine", "logging_steps": 10, "save_strategy": "no", "report_to": []}
+
+
+@dataclass
+class ModelArguments:
+    base_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Model folder or hub id. Default: the built-in SmolLM2-135M-Instruct demo."})
+    miss_r: int = field(default=64, metadata={"help": "MiSS shard size r (the rank)."})
+    init_weights: str = field(default="True", metadata={"help": "PEFT's MiSS variant: True (balance), bat or mini."})
+    mode: Optional[str] = field(default=None, metadata={"help": "Clearer alias of --init_weights: default, mini, bat."})
+    mini_r: Optional[int] = field(default=None, metadata={"help": "mini: adapter width along out_features."})
+    bits: str = field(default="4", metadata={"help": "Base precision: 4, 8 (bitsandbytes), bf16, fp16 or fp32."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    double_quant: bool = field(default=True, metadata={"help": "4-bit double quantization."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names; default all-linear."})
+    miss_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (default/mini)."})
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(
+        default=None, metadata={"help": "A .json/.jsonl/.csv/.parquet file or folder, or a datasets hub name. "
+                                        "Default: the built-in arithmetic word problems."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on, e.g. 'train[:100000]'."})
+    dataset_field: list[str] = field(default_factory=lambda: ["query", "response"],
+                                     metadata={"help": "The query and response column names."})
+    model_max_length: int = field(default=512, metadata={"help": "Longer examples are truncated."})
+    prompt_template: str = field(default=PROMPT, metadata={"help": "Prompt around {query}; default: the reference "
+                                                                     "script's Alpaca-style prompt."})
+    chat_template: bool = field(default=False, metadata={"help": "Wrap the query in the tokenizer's chat template "
+                                                                  "instead of --prompt_template."})
+    demo_train_size: int = field(default=960, metadata={"help": "Built-in demo: training problems."})
+    demo_eval_size: int = field(default=64, metadata={"help": "Built-in demo: held-out problems."})
+
+
+_HAS_WARMUP_RATIO = hasattr(TrainingArguments, "warmup_ratio")  # transformers 5 folded it into warmup_steps
+
+
+@dataclass
+class QMissTrainingArguments(TrainingArguments):
+    output_dir: str = field(default="outputs/qmiss-train", metadata={"help": "Where the adapter and checkpoints go."})
+    if not _HAS_WARMUP_RATIO:
+        warmup_ratio: Optional[float] = field(
+            default=None, metadata={"help": "The reference script's flag: warm up over this fraction of the steps."})
+
+    def __post_init__(self) -> None:
+        if not _HAS_WARMUP_RATIO and self.warmup_ratio:
+            self.warmup_steps = self.warmup_ratio  # a float in [0, 1) is a ratio there
+        super().__post_init__()
+
+
+# --- the built-in task ----------------------------------------------------------------------------------------
+
+NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ivan", "Zoe"]
+ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils"]
+
+
+def arithmetic_problems(n: int, seed: int) -> list[dict[str, str]]:
+    """MetaMathQA-shaped pairs: a one-step word problem, a worked response ending "The answer is: N"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        if rng.random() < 0.5:
+            query = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+            response = f"{name} has {a} + {b} = {a + b} {item}. The answer is: {a + b}"
+        else:
+            query = f"{name} has {a + b} {item} and gives away {b}. How many {item} are left?"
+            response = f"{name} has {a + b} - {b} = {a} {item} left. The answer is: {a}"
+        rows.append({"query": query, "response": response})
+    return rows
+
+
+def final_answer(text: str) -> Optional[str]:
+    """The number after "The answer is" (MetaMathQA's convention), else the last number in the text."""
+    match = re.search(r"answer is:?\s*(-?\d+)", text)
+    numbers = re.findall(r"-?\d+", text)
+    return match.group(1) if match else (numbers[-1] if numbers else None)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def load_pairs(data: DataArguments):
+    """The training rows as a ``datasets.Dataset`` with the two named fields.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing path, a split that does not parse, missing fields.
+    """
+    import datasets
+
+    query, response = _fields(data)
+    if data.data_path is None:
+        return datasets.Dataset.from_list(arithmetic_problems(data.demo_train_size, seed=0))
+    path = Path(data.data_path)
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) > 1:
+            raise ValueError(f"--data_path {path}: expected one kind of {sorted(DATA_SUFFIXES)} file(s), found "
+                             f"{[p.name for p in files] or 'none'}")
+        args, kwargs = (kinds.pop(),), {"data_files": [str(p) for p in files]}
+    else:
+        args, kwargs = (data.data_path,), {}
+    try:
+        dataset = datasets.load_dataset(*args, split=data.dataset_split, **kwargs)
+    except ValueError as exc:
+        message = str(exc).lower()
+        if "split" in message or "instruction" in message or data.dataset_split.lower() in message:
+            raise ValueError(f"--dataset_split {data.dataset_split!r} does not parse or does not exist ({exc}); "
+                             "use e.g. train, train[:1000] or train[:10%]") from exc
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as exc:
+        raise FileNotFoundError(f"--data_path {data.data_path!r} is not a local file or folder, and no dataset of "
+                                f"that name could be loaded ({exc})") from exc
+    missing = [f for f in (query, response) if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"--data_path {data.data_path}: no field(s) {missing}; its columns are "
+                         f"{dataset.column_names} — pass --dataset_field QUERY RESPONSE")
+    return dataset
+
+
+def _fields(data: DataArguments) -> tuple[str, str]:
+    if len(data.dataset_field) != 2:
+        raise ValueError(f"--dataset_field takes two names, QUERY RESPONSE; got {data.dataset_field}")
+    return data.dataset_field[0], data.dataset_field[1]
+
+
+def prompt_text(tokenizer, query: str, data: DataArguments) -> str:
+    if data.chat_template:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat_template: this tokenizer has no chat template; drop the flag")
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                             add_generation_prompt=True)
+    return data.prompt_template.format(query=query)
+
+
+def encode(tokenizer, query: str, response: str, data: DataArguments) -> dict[str, list[int]]:
+    """Prompt + response + EOS, truncated; labels are -100 on the prompt so only the response is learned."""
+    prompt_str = prompt_text(tokenizer, query, data)
+    prompt = tokenizer(prompt_str, add_special_tokens=False).input_ids
+    separator = " " if prompt_str[-1:].isalnum() or prompt_str.endswith(":") else ""
+    answer = tokenizer(separator + response, add_special_tokens=False).input_ids
+    max_length = data.model_max_length
+    ids = (prompt + answer + [tokenizer.eos_token_id])[:max_length]
+    labels = ([-100] * len(prompt) + answer + [tokenizer.eos_token_id])[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+# --- model ----------------------------------------------------------------------------------------------------
+
+
+def load_model(model_args: ModelArguments, on_cuda: bool):
+    """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model, and its tokenizer."""
+    if model_args.bits not in BITS:
+        raise ValueError(f"--bits {model_args.bits!r} is not one of {sorted(BITS)}")
+    path = model_args.base_model_name_or_path or str(smollm2_path())
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"--base_model_name_or_path {path}: no such folder")
+    compute = torch.bfloat16 if on_cuda else torch.float32
+    bits = BITS[model_args.bits]
+    kwargs: dict = {"dtype": compute if isinstance(bits, int) else bits}
+    if isinstance(bits, int):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=model_args.quant_type,
+            bnb_4bit_use_double_quant=model_args.double_quant, bnb_4bit_compute_dtype=compute)
+    kwargs["device_map"] = {"": 0} if on_cuda else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise FileNotFoundError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    mode = model_args.mode or mode_from_init_weights(model_args.init_weights)
+    model = qmiss.prepare_qmiss(
+        model, r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mode=mode, mini_r=model_args.mini_r,
+        target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
+        quant_type=model_args.quant_type, double_quant=model_args.double_quant, compute_dtype=compute)
+    model.qmiss_config.base_model_name_or_path = model_args.base_model_name_or_path or "SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+class QMissTrainer(Trainer):
+    """A Trainer whose checkpoints hold the adapter (PEFT format) and optimizer state, never the frozen base."""
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter(model or self.model, resume_from_checkpoint, trainable=True)
+
+    def _load_best_model(self) -> None:
+        load_adapter(self.model, self.state.best_model_checkpoint, trainable=True)
+
+
+# --- evaluation of the built-in task ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def demo_accuracy(model, tokenizer, rows: list[dict[str, str]], data: DataArguments, batch_size: int = 64) -> float:
+    """Held-out exact match, generating greedily for many prompts at once (left-padded batches)."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    correct = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = tokenizer([prompt_text(tokenizer, r["query"], data) for r in chunk], return_tensors="pt",
+                          padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row, ids in zip(chunk, out[:, batch.input_ids.shape[1]:]):
+            correct += final_answer(tokenizer.decode(ids, skip_special_tokens=True)) == final_answer(row["response"])
+    model.train(was_training)
+    tokenizer.padding_side = side
+    return correct / len(rows)
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+
+def _given(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, QMissTrainingArguments]:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, QMissTrainingArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.base_model_name_or_path is None and data_args.data_path is None:  # the built-in demo
+        given = _given(argv)
+        overrides = {k: v for k, v in DEMO_DEFAULTS.items() if k not in given}
+        if overrides:
+            extra = [f"--{k}={v}" for k, v in overrides.items() if k != "report_to"]
+            extra += ["--report_to", "none"] if "report_to" in overrides else []
+            model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv + extra)
+    return model_args, data_args, train_args
+
+
+def _peak_memory_mb(on_cuda: bool) -> float:
+    if on_cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    """Run ``qmiss-train`` with ``argv``; returns the summary it writes to ``<output_dir>/summary.json``."""
+    model_args, data_args, train_args = parse_args(argv)
+    demo = model_args.base_model_name_or_path is None and data_args.data_path is None
+    on_cuda = torch.cuda.is_available() and not train_args.use_cpu
+    torch.manual_seed(train_args.seed)
+    start = time.time()
+    model, tokenizer = load_model(model_args, on_cuda)
+    trainable, total = qmiss.trainable_parameters(model)
+
+    query, response = _fields(data_args)
+    rows = load_pairs(data_args)
+    dataset = rows.map(lambda r: encode(tokenizer, r[query], r[response], data_args), remove_columns=rows.column_names)
+    held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else None
+    before = demo_accuracy(model, tokenizer, held_out, data_args) if demo else None
+
+    train_args.remove_unused_columns = False
+    trainer = QMissTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
+                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    trainer.save_model()
+
+    after = demo_accuracy(model, tokenizer, held_out, data_args) if demo else None
+    summary = {
+        "trainable_params": trainable, "all_params": total, "steps": trainer.state.global_step,
+        "seconds": round(time.time() - start, 1), "peak_memory_mb": round(_peak_memory_mb(on_cuda), 1),
+        "peak_memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
+        "accuracy_before": before, "accuracy_after": after, "adapter": str(train_args.output_dir),
+    }
+    out = Path(train_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arguments = {"model": asdict(model_args), "data": asdict(data_args), "training": train_args.to_dict()}
+    atomic_write_json(out / "qmiss_train_args.json", arguments)
+    atomic_write_json(out / "summary.json", summary)
+    accuracy = (f"held-out accuracy {before:.1%} -> {after:.1%} ({len(held_out)} problems) | " if demo else "")
+    print(f"qmiss-train: {accuracy}{summary['steps']} steps in {summary['seconds']:.0f}s | peak memory "
+          f"{summary['peak_memory_mb'] / 1024:.2f} GiB ({summary['peak_memory_kind']}) | adapter: {out}")
+    return summary
+
+
+def main() -> None:
+    """The ``qmiss-train`` console script."""
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""qmiss-train end to end on a tiny model (SmolLM2's tokenizer), plus TRL's SFTTrainer on a qmiss model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qmiss
+from qmiss import train
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a model folder."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = train.arithmetic_problems(20, seed=3)
+    path.write_text("".join(json.dumps({"question": r["query"], "answer": r["response"]}) + "\n" for r in rows))
+    return str(path)
+
+
+def args(model_dir: str, data: str, out, *extra: str) -> list[str]:
+    return ["--base_model_name_or_path", model_dir, "--data_path", data, "--dataset_field", "question", "answer",
+            "--output_dir", str(out), "--miss_r", "16", "--bits", "4", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--report_to", "none", "--logging_steps", "1", "--use_cpu", *extra]
+
+
+def test_encode_masks_the_prompt_and_appends_eos(smollm2_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    data = train.DataArguments(model_max_length=512)
+    row = train.encode(tokenizer, "What is 2 + 3?", "2 + 3 = 5. The answer is: 5", data)
+    n_prompt = len(tokenizer(train.PROMPT.format(query="What is 2 + 3?"), add_special_tokens=False).input_ids)
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    learned = tokenizer.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
+    assert learned.strip() == "2 + 3 = 5. The answer is: 5"
+    short = train.encode(tokenizer, "What is 2 + 3?", "2 + 3 = 5", train.DataArguments(model_max_length=10))
+    assert len(short["input_ids"]) == len(short["labels"]) == 10
+
+
+def test_train_writes_a_peft_adapter_and_resumes(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    out = tmp_path / "run"
+    summary = train.run(args(tiny_model_dir, jsonl, out, "--max_steps", "4", "--save_strategy", "steps",
+                             "--save_steps", "2"))
+    assert summary["steps"] == 4 and summary["trainable_params"] > 0
+    for folder in (out, out / "checkpoint-2"):
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+        assert not any(n.startswith("model") and n.endswith(".safetensors") for n in names)  # never the base
+    assert "optimizer.pt" in {p.name for p in (out / "checkpoint-2").iterdir()}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MISS" and config["r"] == 16
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert (out / "qmiss_train_args.json").is_file()
+
+    resumed = train.run(args(tiny_model_dir, jsonl, tmp_path / "resumed", "--max_steps", "4",
+                             "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    assert resumed["steps"] == 4  # continued at step 2, ran 2 more
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    final = qmiss.read_adapter(out)[1]
+    again = qmiss.read_adapter(tmp_path / "resumed")[1]
+    # same data order, seed and starting point: resuming reproduces the uninterrupted run
+    assert all(torch.allclose(final[n], again[n], atol=1e-5) for n in final)
+
+
+@pytest.mark.parametrize("extra,error,match", [
+    (["--dataset_field", "query", "response"], ValueError, r"no field\(s\) \['query', 'response'\]; its columns are "
+                                                           r"\['question', 'answer'\]"),
+    (["--dataset_split", "train[:abc]"], ValueError, "--dataset_split 'train\\[:abc\\]' does not parse"),
+    (["--bits", "3"], ValueError, "--bits '3' is not one of"),
+    (["--mode", "bat", "--miss_r", "48"], ValueError, "not divisible by r=48"),
+], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes"])
+def test_clear_errors(tmp_path, tiny_model_dir: str, jsonl: str, extra, error, match) -> None:
+    with pytest.raises(error, match=match):
+        train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "1", *extra))
+
+
+def test_missing_model_path(tmp_path, jsonl: str) -> None:
+    with pytest.raises(FileNotFoundError, match="--base_model_name_or_path ./no/such/model: no such folder"):
+        train.run(args("./no/such/model", jsonl, tmp_path, "--max_steps", "1"))
+
+
+def test_help_lists_the_reference_flags(capsys) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--base_model_name_or_path", "--output_dir", "--miss_r", "--init_weights", "--mode", "--mini_r",
+                 "--bits", "--data_path", "--dataset_split", "--dataset_field", "--model_max_length", "--bf16",
+                 "--tf32", "--num_train_epochs", "--per_device_train_batch_size", "--gradient_accumulation_steps",
+                 "--save_strategy", "--save_steps", "--save_total_limit", "--logging_steps", "--learning_rate",
+                 "--weight_decay", "--warmup_ratio", "--report_to", "--gradient_checkpointing", "--optim",
+                 "--resume_from_checkpoint", "--chat_template"]:
+        assert flag in text, flag
+
+
+def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str) -> None:
+    trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4)
+    start = {n: layer.miss_block.detach().clone() for n, layer in qmiss.miss_layers(model)}
+    rows = [{"prompt": r["query"], "completion": " " + r["response"]} for r in train.arithmetic_problems(16, 0)]
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                           report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert all(not torch.equal(start[n], layer.miss_block) for n, layer in qmiss.miss_layers(model))
