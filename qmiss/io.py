@@ -238,15 +238,19 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         The same model object, in ``dtype``, with no qmiss or bitsandbytes modules left.
     """
     _require_qmiss(model)
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(f"{done}.") for done in replaced):  # a MissLinear's own base layer
+            continue
         if isinstance(module, MissLinear):
             linear = _plain_linear(module.merged_weight(dtype), module.bias, dtype)
-        elif quant.is_linear(module) and quant.quant_bits(module) is not None and "base_layer" not in name:
+        elif quant.is_linear(module) and quant.quant_bits(module) is not None:
             linear = _plain_linear(quant.dequantize(module, dtype), module.bias, dtype)
         else:
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
+        replaced.append(name)
     _forget_quantization(model)
     if callable(getattr(model, "disable_input_require_grads", None)):
         try:

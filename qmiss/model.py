@@ -44,14 +44,16 @@ def _conv1d_type() -> Optional[type]:
     return Conv1D
 
 
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output projection (lm_head) as transformers reports it, if it does."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    return get_out() if callable(get_out) else None
+
+
 def _output_layer_names(model: nn.Module) -> set[str]:
     """Names of the output projection(s) (lm_head), which "all-linear" leaves alone as QLoRA does."""
-    names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out is not None and module is out:
-            names.add(name)
+    head = _output_head(model)
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
     return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
 
 
@@ -140,8 +142,7 @@ def _upcast_for_kbit_training(model: nn.Module) -> None:
     which must match it. The input embeddings (a lookup) keep their dtype to save memory.
     """
     modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
+    head = _output_head(model)
     if head is not None and not isinstance(head, MissLinear) and quant.quant_bits(head) is None:
         modules.append(head)
     for module in modules:
