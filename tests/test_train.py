@@ -126,3 +126,11 @@ def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str) -> 
     trainer.train()
     assert trainer.state.global_step == 3
     assert all(not torch.equal(start[n], layer.miss_block) for n, layer in qmiss.miss_layers(model))
+
+
+def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    """The QLoRA recipe's optimizer and checkpointing (bitsandbytes falls back to non-paged on the CPU)."""
+    summary = train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "2", "--optim", "paged_adamw_8bit",
+                             "--gradient_checkpointing", "--mode", "bat"))
+    assert summary["steps"] == 2
+    assert qmiss.read_adapter(tmp_path)[0].mode == "bat"
