@@ -159,13 +159,22 @@ class QMissConfig:
         if not isinstance(init_weights, (bool, str)):
             raise ValueError(f"{source}: init_weights={init_weights!r} must be true, 'mini' or 'bat'")
         mode = mode_from_init_weights(init_weights)
-        mini_r = payload.get("mini_r") if mode == "mini" else None
-        dropout = payload.get("miss_dropout", payload.get("bone_dropout", 0.0)) if mode != "bat" else 0.0
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        mini_r = payload.get("mini_r")
+        if mini_r is not None and (isinstance(mini_r, bool) or not isinstance(mini_r, int) or mini_r <= 0):
+            raise ValueError(f"{source}: mini_r={mini_r!r} must be a positive int")
+        mini_r = mini_r if mode == "mini" else None
+        dropout = payload.get("miss_dropout", payload.get("bone_dropout", 0.0))
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"{source}: miss_dropout={dropout!r} must be a number in [0, 1)")
+        dropout = dropout if mode != "bat" else 0.0
         targets = payload.get("target_modules") or "all-linear"
-        if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"{source}: target_modules must be a string or a list of strings")
+        if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            raise ValueError(f"{source}: target_modules={targets!r} must be a string or a list of strings")
+        modules = extra.get("modules")
+        if modules is not None and not (isinstance(modules, dict) and all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                            for n in v) for v in modules.values())):
+            raise ValueError(f"{source}: qmiss.modules must map module names to [in_features, out_features]")
         dtype_name = extra.get("compute_dtype")
         compute_dtype = None
         if dtype_name is not None:

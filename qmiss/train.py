@@ -233,8 +233,40 @@ def load_model(model_args: ModelArguments, on_cuda: bool):
     return model, tokenizer
 
 
+def first_nonfinite_module(model: torch.nn.Module, inputs: dict) -> Optional[str]:
+    """Re-run a forward pass and name the first module (in execution order) whose output is NaN or inf."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module, args, output) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
+            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not out.isfinite().all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 class QMissTrainer(Trainer):
-    """A Trainer whose checkpoints hold the adapter (PEFT format) and optimizer state, never the frozen base."""
+    """A Trainer whose checkpoints hold the adapter (PEFT format) and optimizer state, never the frozen base,
+    and which stops on a non-finite loss before an optimizer step can poison the adapter."""
+
+    def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not torch.isfinite(loss).all():
+            culprit = first_nonfinite_module(model, self._prepare_inputs(inputs))
+            where = f"; first non-finite output: {culprit}" if culprit else ""
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}{where}; stopped before the "
+                "optimizer step, nothing saved — lower --learning_rate, check the data, or resume from a checkpoint")
+        return loss
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -134,3 +134,24 @@ def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: s
                              "--gradient_checkpointing", "--mode", "bat"))
     assert summary["steps"] == 2
     assert qmiss.read_adapter(tmp_path)[0].mode == "bat"
+
+
+def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4)
+    with torch.no_grad():  # inject: one adapter entry of the second layer's MLP goes to inf
+        model.model.layers[1].mlp.up_proj.miss_block[0, 0] = float("inf")
+    data = train.DataArguments()
+    rows = [train.encode(tokenizer, r["query"], r["response"], data) for r in train.arithmetic_problems(8, 0)]
+    trainer = train.QMissTrainer(
+        model=model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        args=train.QMissTrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="steps", save_steps=1))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(.*\) at step 1; first non-finite output: "
+                                                 r"model\.layers\.1\.mlp\.up_proj"):
+        trainer.train()
+    assert not (tmp_path / "adapter_model.safetensors").exists() and not list(tmp_path.glob("checkpoint-*"))
