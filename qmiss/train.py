@@ -20,6 +20,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -254,6 +255,39 @@ def first_nonfinite_module(model: torch.nn.Module, inputs: dict) -> Optional[str
     return found[0] if found else None
 
 
+COMPLETE_MARKER = "qmiss_checkpoint_complete.json"
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished; half-written ones are skipped with a warning."""
+    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for folder in folders:
+        if (folder / COMPLETE_MARKER).is_file():
+            return str(folder)
+        warnings.warn(f"{folder} is incomplete (its save was interrupted); skipping it for an earlier checkpoint")
+    return None
+
+
+def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """``--resume_from_checkpoint``: a folder (which must be complete), or "last"/"true" for the newest complete one.
+
+    Raises:
+        FileNotFoundError / ValueError: no complete checkpoint, or the named one is incomplete.
+    """
+    if resume is None or str(resume).lower() in ("", "false", "none"):
+        return None
+    if str(resume).lower() in ("last", "true"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
+        return found
+    if not (Path(resume) / COMPLETE_MARKER).is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume}: the checkpoint is incomplete or not a qmiss-train "
+                         f"checkpoint; use 'last' to pick the newest complete one in {output_dir}")
+    return resume
+
+
 class QMissTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter (PEFT format) and optimizer state, never the frozen base,
     and which stops on a non-finite loss before an optimizer step can poison the adapter."""
@@ -275,6 +309,12 @@ class QMissTrainer(Trainer):
         save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # the commit record, written last: a folder without it was cut short
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": self.state.global_step})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter(model or self.model, resume_from_checkpoint, trainable=True)
@@ -332,8 +372,9 @@ def _peak_memory_mb(on_cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run(argv: Optional[list[str]] = None) -> dict:
-    """Run ``qmiss-train`` with ``argv``; returns the summary it writes to ``<output_dir>/summary.json``."""
+def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> dict:
+    """Run ``qmiss-train`` with ``argv`` (and extra Trainer ``callbacks``); returns the summary it writes
+    to ``<output_dir>/summary.json``."""
     model_args, data_args, train_args = parse_args(argv)
     demo = model_args.base_model_name_or_path is None and data_args.data_path is None
     on_cuda = torch.cuda.is_available() and not train_args.use_cpu
@@ -350,8 +391,9 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     train_args.remove_unused_columns = False
     trainer = QMissTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
-                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                           callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir))
     trainer.save_model()
 
     after = demo_accuracy(model, tokenizer, held_out, data_args) if demo else None
