@@ -404,6 +404,8 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
         "accuracy_before": before, "accuracy_after": after, "adapter": str(train_args.output_dir),
     }
     out = Path(train_args.output_dir)
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, rank 0 writes and reports
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     arguments = {"model": asdict(model_args), "data": asdict(data_args), "training": train_args.to_dict()}
     atomic_write_json(out / "qmiss_train_args.json", arguments)

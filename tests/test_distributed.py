@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import qmiss
 from tests.conftest import tiny_llama
+from tests.test_train import jsonl, tiny_model_dir  # noqa: F401 (fixtures)
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 
@@ -71,3 +72,24 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path) ->
     for key, value in expected.items():
         # fp32: the all-reduce sums in another order; AdamW's normalisation magnifies that for tiny gradients
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_qmiss_train_under_torchrun_two_processes(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    """The user's path: Trainer's own DDP (gloo on the CPU) under torchrun; rank 0 writes the adapter once."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_train import args
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "qmiss.train",
+               *args(tiny_model_dir, jsonl, out, "--max_steps", "3", "--per_device_train_batch_size", "2")]
+    proc = subprocess.run(command, capture_output=True, timeout=300, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("qmiss-train: 3 steps") == 1  # one report, from rank 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert qmiss.read_adapter(out)[0].r == 16
+    assert "'epoch': '0.6'" in proc.stdout  # 3 steps × 2 ranks × 2 rows = 12 of the 20 rows: both ranks trained
