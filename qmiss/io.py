@@ -65,8 +65,16 @@ def _require_qmiss(model: nn.Module) -> QMissConfig:
     return config
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (DTensor) is gathered from every rank (a collective call)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the model's adapters in PEFT's MiSS format: weights first, then the config, each atomically.
+
+    Under FSDP (``fully_shard``) every rank must call it: the adapter shards are gathered and rank 0 writes.
 
     Returns:
         The folder.
@@ -74,8 +82,10 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     config = _require_qmiss(model)
     directory = Path(directory)
     layers = dict(miss_layers(model))
-    tensors = {f"{PREFIX}{name}.miss_block": layer.miss_block.detach().float().cpu().contiguous()
+    tensors = {f"{PREFIX}{name}.miss_block": _full(layer.miss_block).float().cpu().contiguous()
                for name, layer in layers.items()}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return directory  # every rank took part in gathering the shards; rank 0 writes
     payload = config.to_peft_dict(list(layers))
     payload["qmiss"]["modules"] = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

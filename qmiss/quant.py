@@ -137,7 +137,7 @@ def prepare_for_adapter(module: nn.Module) -> None:
     if quant_bits(module) != 4:
         return
     module.support_avx512bf16_for_cpu = False
-    state = module.weight.quant_state
+    state = _quant_state(module)
     if getattr(state, "packing_format_for_cpu", False):
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(module.weight.data, state)
         module.weight.data, module.weight.quant_state = data, state
@@ -193,7 +193,7 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
         return rows_int8
 
     prepare_for_adapter(module)
-    state = weight.quant_state
+    state = _quant_state(module)
     absmax = _absmax_4bit(state)
     n_in = module.in_features
     blocksize = state.blocksize
@@ -216,6 +216,12 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
     return rows_4bit
 
 
+def _quant_state(module: nn.Module) -> bnb.functional.QuantState:
+    """The 4-bit quant state; FSDP's unsharded parameter lacks it, bitsandbytes keeps a copy on the module."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else module.quant_state
+
+
 def row_alignment(module: nn.Module) -> int:
     """Row ranges handed to a :func:`row_dequantizer` must start at multiples of this.
 
@@ -226,5 +232,5 @@ def row_alignment(module: nn.Module) -> int:
     """
     if quant_bits(module) != 4:
         return 1
-    blocksize = module.weight.quant_state.blocksize
+    blocksize = _quant_state(module).blocksize
     return 1 if module.in_features % blocksize == 0 else module.out_features

@@ -1,4 +1,4 @@
-"""DDP on the CPU (gloo, 2 processes): only adapter gradients are reduced, and 2 ranks equal one process."""
+"""DDP and FSDP2 on the CPU (gloo, 2 processes): only adapters are reduced, and 2 ranks equal one process."""
 
 from __future__ import annotations
 
@@ -93,3 +93,35 @@ def test_qmiss_train_under_torchrun_two_processes(tmp_path, tiny_model_dir: str,
     assert summary["steps"] == 3
     assert qmiss.read_adapter(out)[0].r == 16
     assert "'epoch': '0.6'" in proc.stdout  # 3 steps × 2 ranks × 2 rows = 12 of the 20 rows: both ranks trained
+
+
+def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
+    model.train()
+    for layer in model.model.layers:  # FSDP2: each decoder layer its own unit, 4-bit weights sharded as uint8
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    per_rank = GLOBAL_BATCH // world
+    _train(model, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
+    qmiss.save_adapter(model, out_dir)  # collective gather; rank 0 writes
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path) -> None:
+    for mode in ["default", "bat"]:
+        out = tmp_path / mode
+        mp.spawn(_fsdp_worker, args=(2, _free_port(), mode, str(out)), nprocs=2, join=True)
+        saved = qmiss.read_adapter(out)[1]
+        torch.manual_seed(0)
+        single = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
+        single.train()
+        _train(single, torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2),
+               slice(None))
+        for name, layer in qmiss.miss_layers(single):
+            torch.testing.assert_close(saved[name], layer.miss_block.detach(), rtol=1e-4, atol=1e-5)
