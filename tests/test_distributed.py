@@ -49,6 +49,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _train(ddp, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
     assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if not p.requires_grad)
     torch.save(qmiss.adapter_state_dict(model), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
@@ -110,6 +111,7 @@ def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
     per_rank = GLOBAL_BATCH // world
     _train(model, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
     qmiss.save_adapter(model, out_dir)  # collective gather; rank 0 writes
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
