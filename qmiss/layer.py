@@ -100,11 +100,11 @@ class MissLinear(nn.Module):
         return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW (out, in) that the adapter adds to the (dequantized) base weight, in ``dtype``."""
+        """ΔW (out, in) that the adapter adds to the (dequantized) base weight, in ``dtype``, detached."""
         if self.mode == "bat":
             weight = quant.dequantize(self.base_layer, dtype)
-            return ops.bat_delta_weight(weight, self.miss_block.to(dtype))
-        return ops.miss_delta_weight(self.adapter_weight().to(dtype), self.in_features)
+            return ops.bat_delta_weight(weight, self.miss_block.detach().to(dtype))
+        return ops.miss_delta_weight(self.adapter_weight().detach().to(dtype), self.in_features)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dequantize(W) + ΔW (bat: W(I + B) + B blockwise), computed in fp32, returned in ``dtype``."""
@@ -112,7 +112,7 @@ class MissLinear(nn.Module):
         block = self.miss_block.detach().float()
         if self.mode == "bat":
             return ops.bat_weight(weight, block).to(dtype)
-        return weight.add_(ops.miss_delta_weight(self.adapter_weight().detach().float(), self.in_features)).to(dtype)
+        return weight.add_(self.delta_weight(torch.float32)).to(dtype)
 
     def merge(self) -> None:
         """Fold the adapter into an unquantized base weight, in place; merging twice is merging once.
@@ -142,7 +142,7 @@ class MissLinear(nn.Module):
             if self.mode == "bat":
                 restored = ops.bat_unmerge(merged, block)
             else:
-                restored = merged - ops.miss_delta_weight(self.adapter_weight().detach().float(), self.in_features)
+                restored = merged - self.delta_weight(torch.float32)
             weight.copy_(restored.to(weight.dtype))
         self.merged = False
 
