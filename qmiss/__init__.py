@@ -5,6 +5,7 @@
 """
 
 from qmiss.config import QMissConfig
+from qmiss.fsdp import fsdp_auto_wrap_policy, fsdp_mixed_precision
 from qmiss.io import (
     export_lora,
     export_merged,
@@ -31,6 +32,8 @@ __all__ = [
     "export_lora",
     "export_merged",
     "from_pretrained",
+    "fsdp_auto_wrap_policy",
+    "fsdp_mixed_precision",
     "load_adapter",
     "measure_peak",
     "merge",

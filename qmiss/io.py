@@ -14,6 +14,7 @@ Every file is written to a temporary name in its folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -71,10 +72,31 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def save_adapter(model: nn.Module, directory: PathLike) -> Path:
+def _fsdp1_full_params(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Inside it, FSDP1-wrapped parameters are whole on every rank (a collective); a no-op without FSDP1."""
+    if not torch.distributed.is_available():
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    roots = FSDP.fsdp_modules(model, root_only=True)
+    stack = contextlib.ExitStack()
+    for root in roots:
+        stack.enter_context(FSDP.summon_full_params(root, writeback=False))
+    return stack
+
+
+def save_adapter(model: nn.Module, directory: PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write the model's adapters in PEFT's MiSS format: weights first, then the config, each atomically.
 
-    Under FSDP (``fully_shard``) every rank must call it: the adapter shards are gathered and rank 0 writes.
+    Under FSDP (FSDP2's ``fully_shard`` or FSDP1's ``FullyShardedDataParallel``) every rank
+    must call it: the adapter shards are gathered and rank 0 writes.
+
+    Args:
+        model: the qmiss model, or its FSDP/DDP wrapper.
+        directory: the adapter folder (created if missing).
+        state_dict: a full state dict gathered already (what transformers' Trainer hands to
+            ``_save`` under FSDP's FULL_STATE_DICT); its adapter entries are written and no
+            collective is called.
 
     Returns:
         The folder.
@@ -82,9 +104,16 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     config = _require_qmiss(model)
     directory = Path(directory)
     layers = dict(miss_layers(model))
-    tensors = {f"{PREFIX}{name}.miss_block": _full(layer.miss_block).float().cpu().contiguous()
-               for name, layer in layers.items()}
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if state_dict is not None:
+        missing = [f"{name}.adapter.weight" for name in layers if f"{name}.adapter.weight" not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict lacks {missing[0]} (and {len(missing) - 1} more adapter tensors)")
+        blocks = {name: state_dict[f"{name}.adapter.weight"] for name in layers}
+    else:
+        with _fsdp1_full_params(model):
+            blocks = {name: _full(layer.miss_block).clone() for name, layer in layers.items()}
+    tensors = {f"{PREFIX}{name}.miss_block": block.detach().float().cpu().contiguous() for name, block in blocks.items()}
+    if state_dict is None and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return directory  # every rank took part in gathering the shards; rank 0 writes
     payload = config.to_peft_dict(list(layers))
     payload["qmiss"]["modules"] = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}

@@ -11,11 +11,35 @@ which keeps no dequantized weight alive between forward and backward.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from qmiss import ops, quant
 from qmiss.config import MODES
+
+
+class MissBlock(nn.Module):
+    """The adapter tensor alone, as a leaf module's ``weight``.
+
+    Keeping the one trainable tensor in a module of its own lets FSDP give it a unit
+    of its own (:func:`qmiss.fsdp_auto_wrap_policy`), apart from the frozen base
+    weights, so no flat parameter mixes trainable and frozen tensors or dtypes.
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+
+    def forward(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn(weight)``. Every use of the weight in training goes through here, so that
+        FSDP, which gathers a unit's parameters around its forward (and that forward's
+        backward), has the whole weight in place while ``fn`` runs."""
+        return fn(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}"
 
 
 class MissLinear(nn.Module):
@@ -75,9 +99,14 @@ class MissLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         shape = {"default": (r, n_out), "mini": (r, mini_r), "bat": (n_out // r, r, r)}[mode]
         device = next(base_layer.parameters()).device
-        self.miss_block = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+        self.adapter = MissBlock(shape, device)
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
         self.merged = False  # True once the adapter is folded into an unquantized base weight
+
+    @property
+    def miss_block(self) -> nn.Parameter:
+        """The trainable adapter tensor (held by the leaf module ``self.adapter``)."""
+        return self.adapter.weight
 
     @property
     def bits(self) -> int | None:
@@ -94,9 +123,11 @@ class MissLinear(nn.Module):
         Raises:
             ValueError: in bat mode, which has no D.
         """
+        return self._adapter_weight(self.miss_block)
+
+    def _adapter_weight(self, block: torch.Tensor) -> torch.Tensor:
         if self.mode == "bat":
             raise ValueError(f"{self.name}: bat has no additive adapter D; use delta_weight()")
-        block = self.miss_block
         return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,13 +181,13 @@ class MissLinear(nn.Module):
         if self.merged or self.disabled:  # merged: the base weight already holds the adapter
             return self.base_layer(x)
         if self.mode == "bat":
-            return self._forward_bat(x)
+            return self.adapter(lambda block: self._forward_bat(x, block))
         y = self.base_layer(x)
-        xs = self.dropout(x.to(self.compute_dtype))
-        update = ops.shard_sum(xs, self.r) @ self.adapter_weight().to(self.compute_dtype)  # (..., r) @ (r, out)
+        xs = ops.shard_sum(self.dropout(x.to(self.compute_dtype)), self.r)
+        update = self.adapter(lambda block: xs @ self._adapter_weight(block).to(self.compute_dtype))  # (..., r) @ (r, out)
         return y + update.to(y.dtype)
 
-    def _forward_bat(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_bat(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         rows = quant.row_dequantizer(self.base_layer, dtype)
         chunk = ops.chunk_rows(
@@ -168,7 +199,7 @@ class MissLinear(nn.Module):
             torch.finfo(dtype).bits // 8,
         )
         bias = self.bias.to(dtype) if self.bias is not None else None
-        y = ops.bat_linear(x.to(dtype), self.miss_block.to(dtype), bias, rows, self.out_features, chunk)
+        y = ops.bat_linear(x.to(dtype), block.to(dtype), bias, rows, self.out_features, chunk)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

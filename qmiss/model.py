@@ -135,6 +135,31 @@ def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, No
     return have
 
 
+def _resolve_storage(
+    model: nn.Module, targets: list[str], bits: Optional[int], quant_storage: Optional[torch.dtype]
+) -> Optional[torch.dtype]:
+    """The float dtype 4-bit weights are stored in (the FSDP1 layout), or None for packed uint8.
+
+    Raises:
+        ValueError: quant_storage without 4-bit, not a float dtype, or contradicting the loaded layers.
+    """
+    modules = dict(model.named_modules())
+    loaded = {quant.storage_dtype(modules[n]) for n in targets} - {None}
+    if quant_storage is None:
+        floating = {d for d in loaded if d.is_floating_point}
+        return floating.pop() if len(floating) == 1 else None
+    if bits != 4:
+        raise ValueError(f"quant_storage={quant_storage} is a 4-bit setting, but bits={bits}; use bits=4 or drop it")
+    if not isinstance(quant_storage, torch.dtype) or not (quant_storage.is_floating_point or quant_storage == torch.uint8):
+        raise ValueError(f"quant_storage={quant_storage!r}: use a float dtype (torch.bfloat16, torch.float32) or torch.uint8")
+    if loaded - {quant_storage}:
+        raise ValueError(
+            f"quant_storage={quant_storage}, but the model's 4-bit weights were loaded stored as {sorted(map(str, loaded))}; "
+            "load it with BitsAndBytesConfig(bnb_4bit_quant_storage=...) set to the same dtype, or drop quant_storage"
+        )
+    return quant_storage if quant_storage.is_floating_point else None
+
+
 def _upcast_for_kbit_training(model: nn.Module) -> None:
     """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them.
 
@@ -167,10 +192,16 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+#: Path parts that FSDP1 and activation-checkpoint wrappers insert; module names are reported without them.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLinear]]:
-    """(name, layer) for every MissLinear in ``model``."""
+    """(name, layer) for every MissLinear in ``model``; names as in the unwrapped model."""
     for name, module in model.named_modules():
         if isinstance(module, MissLinear):
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
             yield name, module
 
 
@@ -189,6 +220,7 @@ def prepare_qmiss(
     gradient_checkpointing: bool = False,
     bat_chunk_bytes: int = 64 * 2**20,
     init_weights: Union[bool, str, None] = None,
+    quant_storage: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
 
@@ -214,6 +246,11 @@ def prepare_qmiss(
         gradient_checkpointing: turn on transformers' (non-reentrant) gradient checkpointing.
         bat_chunk_bytes: bat: byte budget of one dequantized chunk of weight rows.
         init_weights: PEFT's name for the mode (True, "mini", "bat"); give this or ``mode``.
+        quant_storage: 4-bit: store the packed weights as this float dtype (transformers'
+            ``bnb_4bit_quant_storage``), for FSDP1, which flattens one dtype per unit. Every
+            frozen tensor is then kept in this dtype too (norms and head are not upcast), and the
+            fp32 adapters go in units of their own (:func:`qmiss.fsdp_auto_wrap_policy`). A
+            model loaded with a float ``bnb_4bit_quant_storage`` gets this layout by itself.
 
     Returns:
         The same model object, with ``model.qmiss_config`` set.
@@ -251,6 +288,7 @@ def prepare_qmiss(
     targets = find_targets(model, config)
     _check_shapes(model, targets, config)
     config.bits = _resolve_bits(model, targets, bits)
+    storage = _resolve_storage(model, targets, config.bits, quant_storage)
     modules = dict(model.named_modules())
     if config.compute_dtype is None:
         config.compute_dtype = _default_compute_dtype(model, [modules[n] for n in targets])
@@ -259,12 +297,19 @@ def prepare_qmiss(
     for module in model.modules():  # untargeted 4-bit layers too: eval must see the weights training saw
         if quant.is_linear(module):
             quant.prepare_for_adapter(module)
-    if config.bits is not None:
+    if config.bits is not None and storage is None:
         _upcast_for_kbit_training(model)
     for name in targets:
         base = modules[name]
         if config.bits is not None and quant.quant_bits(base) is None:
-            base = quant.quantize_linear(base, config.bits, config.quant_type, config.double_quant, config.compute_dtype)
+            base = quant.quantize_linear(
+                base,
+                config.bits,
+                config.quant_type,
+                config.double_quant,
+                config.compute_dtype,
+                quant_storage=storage or torch.uint8,
+            )
         base.requires_grad_(False)
         layer = MissLinear(
             base,
@@ -279,6 +324,10 @@ def prepare_qmiss(
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
         del modules[name]  # drop our reference so the full-precision weight can be freed
+    if storage is not None:  # FSDP1 layout: one dtype for every frozen tensor of a unit
+        for param in model.parameters():
+            if not param.requires_grad and param.is_floating_point() and param.dtype != storage:
+                param.data = param.data.to(storage)
 
     # Frozen base + checkpointing: the first block's input must require grad, or reentrant
     # checkpointing cuts the graph before any adapter (what PEFT does for k-bit training).

@@ -75,6 +75,7 @@ def quantize_linear(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """A bitsandbytes copy of ``linear``: ``Linear4bit`` (bits=4) or ``Linear8bitLt`` (bits=8).
 
@@ -87,6 +88,9 @@ def quantize_linear(
         quant_type: 4-bit data type, "nf4" or "fp4".
         double_quant: 4-bit: quantize the absmax constants too.
         compute_dtype: 4-bit: dtype the base matmul runs in.
+        quant_storage: 4-bit: dtype the packed bytes are stored as (transformers'
+            ``bnb_4bit_quant_storage``); a float dtype lets FSDP1 flatten them with the
+            float tensors of their unit. The bytes are the same either way.
 
     Returns:
         The quantized layer, frozen.
@@ -102,10 +106,16 @@ def quantize_linear(
             compute_dtype=compute_dtype,
             compress_statistics=double_quant,
             quant_type=quant_type,
+            quant_storage=quant_storage,
             device="meta",
         )
         layer.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
+            weight,
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            module=layer,
         ).to(device)
     elif bits == 8:
         layer = bnb.nn.Linear8bitLt(
@@ -123,6 +133,11 @@ def quantize_linear(
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     return layer
+
+
+def storage_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype a 4-bit layer's packed bytes are stored as (uint8 unless a quant_storage was set); None otherwise."""
+    return module.weight.dtype if quant_bits(module) == 4 else None
 
 
 def prepare_for_adapter(module: nn.Module) -> None:

@@ -38,6 +38,7 @@ from transformers import (
 
 import qmiss
 from qmiss.config import mode_from_init_weights
+from qmiss.fsdp import update_fsdp_plugin
 from qmiss.io import atomic_write_json, load_adapter, save_adapter
 from qmiss.smollm import smollm2_path
 
@@ -94,6 +95,8 @@ class QMissTrainingArguments(TrainingArguments):
     if not _HAS_WARMUP_RATIO:
         warmup_ratio: Optional[float] = field(
             default=None, metadata={"help": "The reference script's flag: warm up over this fraction of the steps."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "DDP: every adapter takes part in every step, so no search for unused ones."})
 
     def __post_init__(self) -> None:
         if not _HAS_WARMUP_RATIO and self.warmup_ratio:
@@ -302,11 +305,18 @@ class QMissTrainer(Trainer):
                 "optimizer step, nothing saved — lower --learning_rate, check the data, or resume from a checkpoint")
         return loss
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled:  # as transformers does for PEFT models: adapters in units of their own
+            update_fsdp_plugin(self.accelerator.state.fsdp_plugin, self.model)
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        # state_dict: FSDP's FULL_STATE_DICT, gathered on every rank already; its adapter entries are written
+        full = state_dict if self.is_fsdp_enabled else None
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict=full)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

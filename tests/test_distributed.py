@@ -1,4 +1,4 @@
-"""DDP and FSDP2 on the CPU (gloo, 2 processes): only adapters are reduced, and 2 ranks equal one process."""
+"""DDP, FSDP2 and FSDP1 on the CPU (gloo, 2 processes): only adapters are reduced, and 2 ranks equal one process."""
 
 from __future__ import annotations
 
@@ -76,8 +76,18 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path) ->
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
 
 
-def test_qmiss_train_under_torchrun_two_processes(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
-    """The user's path: Trainer's own DDP (gloo on the CPU) under torchrun; rank 0 writes the adapter once."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+    # accelerate's --cpu flag means one process (or MPI); --multi_gpu starts torchrun's processes, and
+    # the Trainer's --use_cpu makes them gloo ranks on a machine without GPUs
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_qmiss_train_two_processes(tmp_path, tiny_model_dir: str, jsonl: str, launcher: str) -> None:
+    """The user's path: Trainer's own DDP (gloo on the CPU) under torchrun or accelerate launch; rank 0 writes."""
     import json
     import subprocess
     import sys
@@ -85,8 +95,7 @@ def test_qmiss_train_under_torchrun_two_processes(tmp_path, tiny_model_dir: str,
     from tests.test_train import args
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "qmiss.train",
+    command = [sys.executable, *LAUNCHERS[launcher], str(_free_port()), "-m", "qmiss.train",
                *args(tiny_model_dir, jsonl, out, "--max_steps", "3", "--per_device_train_batch_size", "2",
                      "--save_strategy", "steps", "--save_steps", "3")]
     proc = subprocess.run(command, capture_output=True, timeout=300, text=True)
@@ -131,3 +140,70 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path) -> None:
                slice(None))
         for name, layer in qmiss.miss_layers(single):
             torch.testing.assert_close(saved[name], layer.miss_block.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _fsdp1_worker(rank: int, world: int, port: int, mode: str, storage: torch.dtype, out_dir: str) -> None:
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from qmiss.fsdp import update_fsdp_plugin
+    from qmiss.layer import MissBlock
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode, quant_storage=storage)
+    model.train()
+    packed = {n: layer.base_layer.weight.detach().clone() for n, layer in qmiss.miss_layers(model)}
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False)
+    update_fsdp_plugin(plugin, model)  # what QMissTrainer does to accelerate's plugin
+    assert plugin.mixed_precision_policy.param_dtype == storage
+    # accelerate would pass device_id=cuda:N; on the CPU, FSDP1 needs the device named
+    wrapped = FSDP(model, auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
+                   use_orig_params=plugin.use_orig_params, device_id=torch.device("cpu"))
+    units = [m for m in FSDP.fsdp_modules(wrapped) if m._handle is not None]
+    # each adapter alone in a unit; every other flat parameter frozen and of the storage dtype
+    assert sum(isinstance(m.module, MissBlock) for m in units) == len(packed)
+    for unit in units:
+        flat = unit._handle.flat_param
+        assert flat.requires_grad == isinstance(unit.module, MissBlock)
+        assert flat.dtype == (torch.float32 if flat.requires_grad else storage)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    per_rank = GLOBAL_BATCH // world
+    _train(wrapped, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
+    qmiss.save_adapter(wrapped, out_dir)  # summons the full adapters on every rank; rank 0 writes
+    with FSDP.summon_full_params(wrapped, writeback=False):
+        for name, layer in qmiss.miss_layers(wrapped):  # bytes compared (packed bytes read as floats hold NaNs)
+            assert torch.equal(layer.base_layer.weight.view(torch.uint8), packed[name].view(torch.uint8)), name
+    # transformers' Trainer under FULL_STATE_DICT gathers the state dict itself and hands it to _save
+    config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)  # (accelerate offloads to the CPU from a GPU)
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+        state = wrapped.state_dict()
+    if rank == 0:
+        qmiss.save_adapter(wrapped, os.path.join(out_dir, "from_state_dict"), state_dict=state)
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["fp32-storage", "bf16-storage"])
+def test_fsdp1_qlora_style_two_ranks_match_one_process(tmp_path, storage) -> None:
+    """FSDP1 as accelerate's plugin sets it up (after qmiss.update_fsdp_plugin), quant_storage in a float dtype."""
+    for mode in ["default", "bat"]:
+        out = tmp_path / mode
+        mp.spawn(_fsdp1_worker, args=(2, _free_port(), mode, storage, str(out)), nprocs=2, join=True)
+        saved = qmiss.read_adapter(out)[1]
+        from_state_dict = qmiss.read_adapter(out / "from_state_dict")[1]
+        assert all(torch.equal(saved[k], from_state_dict[k]) for k in saved)
+        torch.manual_seed(0)
+        single = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode, quant_storage=storage)
+        single.train()
+        _train(single, torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2),
+               slice(None))
+        for name, layer in qmiss.miss_layers(single):
+            expected = layer.miss_block.detach()
+            if storage == torch.float32:
+                torch.testing.assert_close(saved[name], expected, rtol=1e-4, atol=1e-5)
+            else:  # FSDP computes with bf16 copies of the adapters (the mixed-precision param dtype)
+                cosine = torch.nn.functional.cosine_similarity(saved[name].flatten(), expected.flatten(), dim=0)
+                assert cosine > 0.99, (name, cosine)

@@ -61,7 +61,7 @@ def test_full_precision_model_is_quantized_and_wrapped(bits: int) -> None:
         assert quant.quant_type(layer.base_layer) == "nf4" and layer.base_layer.weight.quant_state.nested
     else:
         assert layers["model.layers.0.mlp.down_proj"].base_layer.state.threshold == 6.0
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.miss_block" for n in layers]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.adapter.weight" for n in layers]
 
 
 def test_fp4_without_double_quant() -> None:
