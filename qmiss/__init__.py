@@ -18,12 +18,14 @@ from qmiss.io import (
     unmerge,
 )
 from qmiss.layer import MissLinear
-from qmiss.memory import PeakReport, measure_peak
+from qmiss.memory import PeakReport, measure_peak, resident_bytes
+from qmiss.plan import MemoryPlan, plan_memory
 from qmiss.model import adapter_state_dict, disable_adapter, miss_layers, prepare_qmiss, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MemoryPlan",
     "MissLinear",
     "PeakReport",
     "QMissConfig",
@@ -39,8 +41,10 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "miss_layers",
+    "plan_memory",
     "prepare_qmiss",
     "read_adapter",
+    "resident_bytes",
     "save_adapter",
     "trainable_parameters",
     "unmerge",

@@ -81,6 +81,27 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
 
+def resident_bytes(*holders: Any) -> int:
+    """Bytes of the unique storages that modules (parameters, buffers) and optimizers (state tensors) hold.
+
+    With :func:`measure_peak`, ``resident_bytes(model, optimizer) + measure_peak(step).peak_bytes``
+    is the whole of what a training step needs at its worst moment, weights and optimizer included.
+    """
+    storages: dict[int, int] = {}
+    for holder in holders:
+        if isinstance(holder, torch.nn.Module):
+            tensors = [*holder.parameters(), *holder.buffers()]
+        elif isinstance(holder, torch.optim.Optimizer):
+            tensors = [v for state in holder.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        else:
+            raise TypeError(f"resident_bytes takes modules and optimizers, not {type(holder).__name__}")
+        for tensor in tensors:
+            if tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def measure_peak(fn: Callable[[], Any], exclude: Optional[Iterable[torch.Tensor]] = None) -> PeakReport:
     """Run ``fn()`` and report its live-tensor peak and the bytes autograd saved for backward.
 

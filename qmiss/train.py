@@ -426,9 +426,9 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     return summary
 
 
-def main() -> None:
-    """The ``qmiss-train`` console script."""
-    run()
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``qmiss-train`` console script (and ``qmiss train``)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from qmiss.cli import main
+
+sys.exit(main())

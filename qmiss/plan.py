@@ -1,0 +1,407 @@
+"""How much GPU memory a qmiss fine-tune needs, before any weight is loaded.
+
+:func:`plan_memory` builds the model on the meta device (accelerate's
+``init_empty_weights``: shapes, no storage), picks the layers ``prepare_qmiss``
+would adapt, and adds up what a training step holds at its worst moment:
+
+- static: the packed 4/8-bit weights and their quantization state, the parts left
+  unquantized (embeddings, norms and head, in the dtypes ``prepare_qmiss`` leaves
+  them), the fp32 adapters and the optimizer states;
+- transient: the adapter gradients and the larger of two peaks of a step: the
+  loss's backward (the logits' log-softmax and two logits-sized gradients, on top of
+  every saved activation) and a decoder layer's backward (with checkpointing: the
+  saved layer inputs, one recomputed layer and its gradients; bat: plus its
+  dequantized weight chunks).
+
+The activation counts follow transformers' Llama-family decoder layer (RMSNorm,
+rotary attention through SDPA, gated MLP), which Llama, Mistral, Qwen2 and SmolLM
+share; they are checked against :func:`qmiss.measure_peak` in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from qmiss.config import MODES, QMissConfig
+
+GiB = 2**30
+MiB = 2**20
+
+#: bytes per trainable value held by each optimizer (beyond the fp32 weight and gradient).
+OPTIMIZERS = {
+    "adamw": 8.0,  # two fp32 moments (torch AdamW)
+    "adamw_torch": 8.0,
+    "adamw_8bit": 2.0 + 8 / 256,  # bitsandbytes: two uint8 moments + one fp32 absmax per 256 values each
+    "paged_adamw_8bit": 2.0 + 8 / 256,  # the same bytes; paged to the host only under memory pressure
+    "paged_adamw": 8.0,
+    "sgd": 0.0,
+}
+#: bitsandbytes' 8-bit optimizers keep tensors smaller than this in fp32.
+BNB_MIN_8BIT_SIZE = 4096
+#: common cards, GB as sold (10⁹ bytes).
+CARDS_GB = (6, 8, 12, 16, 24, 48, 80)
+#: allowance for what the CUDA context and kernels take before any tensor (typical, bf16 kernels loaded).
+CUDA_CONTEXT_BYTES = 600 * MiB
+
+
+@dataclass
+class MemoryPlan:
+    """A planned training step. Every figure is bytes; ``items`` maps each part to its bytes."""
+
+    model: str
+    settings: dict
+    items: dict[str, int]
+    static_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    trainable_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, gpu_gb: float, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
+        """Whether the peak plus the CUDA context fits a card of ``gpu_gb`` GB (10⁹ bytes)."""
+        return self.peak_bytes + context_bytes <= gpu_gb * 1e9
+
+    def cards(self, context_bytes: int = CUDA_CONTEXT_BYTES) -> dict[int, bool]:
+        return {gb: self.fits(gb, context_bytes) for gb in CARDS_GB}
+
+    def table(self) -> str:
+        """The breakdown as aligned text, ending with the card list."""
+        width = max(len(k) for k in self.items) + 2
+        lines = [f"qmiss memory plan: {self.model}",
+                 "  " + ", ".join(f"{k}={v}" for k, v in self.settings.items()), ""]
+        for key, value in self.items.items():
+            lines.append(f"  {key:<{width}}{value / GiB:8.3f} GiB")
+        lines += [f"  {'peak (' + self.peak_phase + ')':<{width}}{self.peak_bytes / GiB:8.3f} GiB", ""]
+        lines.append(f"  cards (peak + {CUDA_CONTEXT_BYTES / MiB:.0f} MiB CUDA context): " + "  ".join(
+            f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in self.cards().items()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _load_config(config):
+    """A transformers config from a config object, a config.json, a model folder or a hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+        if not model_type:
+            raise ValueError("config dict has no 'model_type'; pass a transformers config or a config.json path")
+        return AutoConfig.for_model(**config)
+    path = Path(os.fspath(config))
+    if path.is_file():
+        try:
+            return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else \
+                _config_from_json(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable transformers config ({exc})") from exc
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass a model folder or a config.json file")
+        return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(config))  # a hub id, when a hub is reachable
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"config {config!r} is neither a file, a folder with config.json, nor a reachable hub model id ({exc})"
+        ) from exc
+
+
+def _config_from_json(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if "model_type" not in payload:
+        raise ValueError(f"{path}: no 'model_type' field")
+    return AutoConfig.for_model(**payload)
+
+
+def _meta_model(config) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _quantized_bytes(n_in: int, n_out: int, bits: Optional[int], double_quant: bool, base_itemsize: int) -> int:
+    """Bytes of one linear's weight as qmiss stores it (bitsandbytes' layouts, blocksize 64)."""
+    values = n_in * n_out
+    if bits == 4:
+        blocks = math.ceil(values / 64)
+        if double_quant:  # uint8 absmax per block, fp32 absmax per 256 of those, a 256-entry code, an offset
+            return values // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
+        return values // 2 + 4 * blocks
+    if bits == 8:
+        return values + 4 * n_out  # int8 + one fp32 scale per row
+    return values * base_itemsize
+
+
+def _adapter_shape_values(n_in: int, n_out: int, r: int, mode: str, mini_r: Optional[int]) -> int:
+    return {"default": r * n_out, "mini": r * (mini_r or 0), "bat": n_out * r}[mode]
+
+
+def plan_memory(
+    config,
+    bits: Optional[int] = 4,
+    r: int = 64,
+    mode: str = "default",
+    mini_r: Optional[int] = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "paged_adamw_8bit",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    base_dtype: Optional[torch.dtype] = None,
+    target_modules: Union[str, list[str]] = "all-linear",
+    exclude_modules: Optional[Union[str, list[str]]] = None,
+    double_quant: bool = True,
+    bat_chunk_bytes: int = 64 * MiB,
+) -> MemoryPlan:
+    """Plan the memory of one training step of a qmiss model, without loading weights.
+
+    Args:
+        config: a transformers config, a ``config.json`` path, a model folder, or a hub id.
+        bits: 4, 8 or None (16-bit base).
+        r, mode, mini_r, target_modules, exclude_modules, double_quant, bat_chunk_bytes:
+            as in :func:`qmiss.prepare_qmiss`.
+        batch_size, seq_len: tokens of one micro-batch.
+        gradient_checkpointing: transformers' (non-reentrant) checkpointing per decoder layer.
+        optimizer: one of :data:`OPTIMIZERS` (Trainer ``--optim`` names).
+        compute_dtype: dtype of the base matmuls and adapter math (bf16 on GPUs).
+        base_dtype: dtype the model is loaded in (embeddings, the residual stream);
+            default ``compute_dtype``.
+
+    Returns:
+        A :class:`MemoryPlan`.
+
+    Raises:
+        ValueError: bad settings (unknown optimizer, non-positive sizes, r that does not fit).
+        FileNotFoundError: no config where ``config`` points.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not one the planner knows; use one of {sorted(OPTIMIZERS)}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    qconfig = QMissConfig(r=r, mode=mode, mini_r=mini_r, bits=bits, target_modules=target_modules,
+                          exclude_modules=exclude_modules, double_quant=double_quant)
+    hf_config = _load_config(config)
+    base_dtype = base_dtype or compute_dtype
+    from qmiss.model import _check_shapes, _output_head, find_targets
+
+    model = _meta_model(hf_config)
+    targets = find_targets(model, qconfig)
+    _check_shapes(model, targets, qconfig)
+    modules = dict(model.named_modules())
+
+    e = torch.finfo(compute_dtype).bits // 8  # bytes per activation value
+    e_base = torch.finfo(base_dtype).bits // 8
+    items: dict[str, int] = {}
+
+    # --- static: weights, adapters, optimizer -----------------------------------------------------------------
+    target_params = {id(p) for n in targets for p in modules[n].parameters()}
+    quantized = sum(_quantized_bytes(modules[n].in_features, modules[n].out_features, bits, double_quant, e_base)
+                    for n in targets)
+    biases = sum(modules[n].bias.numel() * e_base for n in targets if modules[n].bias is not None)
+    label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales", None: "16-bit target weights"}[bits]
+    items[label] = quantized + biases
+
+    head = _output_head(model)
+    upcast = set()
+    if bits is not None:  # prepare_qmiss keeps norms and the head in fp32
+        upcast = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
+        if head is not None:
+            upcast |= {id(p) for p in head.parameters()}
+    seen, embed_head, norms, other = set(), 0, 0, 0
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if id(param) in target_params or id(param) in seen:
+            continue
+        seen.add(id(param))
+        size = param.numel() * (4 if id(param) in upcast else e_base)
+        if "norm" in name:
+            norms += size
+        elif param.dim() == 2 and hf_config.vocab_size in param.shape:
+            embed_head += size
+        else:
+            other += size
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    items["embeddings + lm_head" + (" (tied)" if tied else "")] = embed_head
+    items["norms and other unquantized"] = norms + other
+
+    trainable = sum(_adapter_shape_values(modules[n].in_features, modules[n].out_features, r, mode, mini_r)
+                    for n in targets)
+    items["adapters (fp32)"] = 4 * trainable
+    per_value = OPTIMIZERS[optimizer]
+    if "8bit" in optimizer:
+        shapes = [_adapter_shape_values(modules[n].in_features, modules[n].out_features, r, mode, mini_r)
+                  for n in targets]
+        optim_bytes = sum(int(n * per_value) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in shapes)
+    else:
+        optim_bytes = int(trainable * per_value)
+    items[f"optimizer states ({optimizer})"] = optim_bytes
+    static = sum(items.values())
+
+    # --- transient: gradients and activations ------------------------------------------------------------------
+    tokens = batch_size * seq_len
+    layers = _decoder_layers(model)
+    n_layers = len(layers)
+    hidden = hf_config.hidden_size
+    n_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // n_heads
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
+    vocab = hf_config.vocab_size
+    q_width, kv_width = n_heads * head_dim, n_kv * head_dim
+    norm_e = 4 if bits is not None else e_base  # upcast norms compute and return fp32
+    per_layer_targets = [n for n in targets if n.startswith(layers[0] + ".")] if layers else []
+
+    # one decoder layer's saved activations (what autograd and bitsandbytes keep for backward)
+    norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
+    attention = tokens * e * (2 * q_width + 2 * kv_width) + 4 * batch_size * n_heads * seq_len  # q, k, v, out, lse
+    mlp = tokens * e * 3 * inter  # gate, up, act(gate)
+    extra = 0
+    if mode == "bat" or bits == 8:  # inputs kept: the norms' outputs (shared by their projections) and down's input
+        extra = tokens * (2 * hidden * (4 if bits == 8 else e) + inter * e)
+        if mode == "bat" and bits is not None and e != norm_e:  # each projection casts the fp32 norm output itself
+            extra += tokens * hidden * e * 3
+    if mode != "bat":
+        extra += tokens * e * r * len(per_layer_targets)  # the shard sums Σ_j x_j each adapter keeps
+    layer_acts = norms_saved + attention + mlp + extra
+    layer_input = tokens * hidden * e_base  # the residual stream, which checkpointing keeps per layer
+
+    logits = tokens * vocab * 4  # the head runs in fp32 on the fp32 final norm; loss in fp32
+    grads = 4 * trainable
+    embed_out = tokens * hidden * e_base
+
+    if gradient_checkpointing:
+        saved = n_layers * layer_input + embed_out
+        items["activations: checkpointed layer inputs"] = saved
+        if bits == 8 and mode != "bat":
+            # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach: every layer's
+            # norm outputs, attention output and down_proj input stay alive until backward
+            held = n_layers * tokens * (2 * hidden * norm_e + (q_width + inter) * e)
+            items["8-bit: matmul inputs kept past checkpointing"] = held
+            saved += held
+        in_layer = saved + layer_acts  # while one layer is recomputed and differentiated
+    else:
+        saved = n_layers * layer_acts + embed_out
+        items["activations: all layers"] = saved
+        in_layer = saved
+    # A layer's backward peaks either inside its MLP (the gradients of gate, up and their product) or where
+    # a projection's input gradient is formed from its dequantized weight: bitsandbytes dequantizes the
+    # whole weight for that (4-bit: in the compute dtype; 8-bit: in the input's dtype, fp32 after a norm),
+    # bat one chunk pair at a time.
+    if mode == "bat":
+        weight_buffer = _bat_chunk_bytes(modules, targets, r, bat_chunk_bytes, e)
+        items["bat: dequantized weight chunk"] = weight_buffer
+    elif bits is not None:
+        largest = max(modules[n].in_features * modules[n].out_features for n in targets)
+        weight_buffer = largest * (e if bits == 4 else 4)
+        items["backward: one dequantized weight"] = weight_buffer
+    else:
+        weight_buffer = 0
+    mlp_grads = tokens * e * (3 * inter + 2 * hidden)
+    at_projection = weight_buffer + tokens * e * (inter + 2 * hidden)
+    layer_phase = in_layer + max(mlp_grads, at_projection) + grads
+    items["logits + loss (fp32)"] = 3 * logits
+    loss_phase = saved + 3 * logits
+    items["adapter gradients (fp32)"] = grads
+    optimizer_phase = grads + (trainable * 4 if optimizer in ("adamw", "adamw_torch") else 0)  # foreach temporaries
+
+    phases = {"loss backward": loss_phase, "decoder-layer backward": layer_phase, "optimizer step": optimizer_phase}
+    phase = max(phases, key=phases.get)
+    notes = [f"activations modelled on a Llama-style decoder layer ({n_layers} layers, SDPA attention, "
+             f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'})"]
+    if "paged" in optimizer:
+        notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
+    settings = dict(bits=bits, mode=mode, r=r, batch=batch_size, seq=seq_len, checkpointing=gradient_checkpointing,
+                    optimizer=optimizer, compute_dtype=str(compute_dtype).removeprefix("torch."))
+    if mode == "mini":
+        settings["mini_r"] = mini_r
+    return MemoryPlan(
+        model=getattr(hf_config, "_name_or_path", "") or hf_config.model_type,
+        settings=settings,
+        items=items,
+        static_bytes=static,
+        peak_bytes=static + phases[phase],
+        peak_phase=phase,
+        trainable_parameters=trainable,
+        notes=notes,
+    )
+
+
+def _decoder_layers(model: nn.Module) -> list[str]:
+    """Names of the decoder layers (the model's ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [n for n, m in model.named_modules() if type(m).__name__ in names]
+
+
+def _bat_chunk_bytes(modules: dict, targets: list[str], r: int, budget: int, e: int) -> int:
+    """The largest pair of dequantized chunk buffers bat holds at once (see qmiss.ops.chunk_rows)."""
+    from qmiss.ops import chunk_rows
+
+    worst = 0
+    for name in targets:
+        n_in, n_out = modules[name].in_features, modules[name].out_features
+        alignment = 1 if n_in % 64 == 0 else n_out
+        rows = chunk_rows(n_out, n_in, r, alignment, budget, e)
+        worst = max(worst, 2 * rows * n_in * e)
+    return worst
+
+
+# --- the `qmiss plan` command ---------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="qmiss plan", description="Plan the GPU memory of a qmiss fine-tune.")
+    parser.add_argument("--config", required=True, help="config.json, a model folder, or a hub model id")
+    parser.add_argument("--bits", default="4", choices=["4", "8", "16"], help="base quantization (16: none)")
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--mode", default="default", choices=list(MODES))
+    parser.add_argument("--mini_r", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
+    parser.add_argument("--optimizer", default="paged_adamw_8bit", help=f"one of {', '.join(sorted(OPTIMIZERS))}")
+    parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--gpu-gb", type=float, default=None, help="say whether it fits a card of this many GB")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
+                           mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
+                           gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
+                           compute_dtype=DTYPES[args.compute_dtype])
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"qmiss plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase, "items": plan.items,
+                          "settings": plan.settings, "cards": plan.cards()}, indent=2))
+    else:
+        print(plan.table())
+    if args.gpu_gb is not None:
+        fits = plan.fits(args.gpu_gb)
+        print(f"fits a {args.gpu_gb:g} GB card: {'yes' if fits else 'no'} "
+              f"({(plan.peak_bytes + CUDA_CONTEXT_BYTES) / 1e9:.2f} GB needed with the CUDA context)")
+        return 0 if fits else 1
+    return 0
