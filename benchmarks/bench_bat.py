@@ -25,20 +25,13 @@ from benchmarks.common import (  # noqa: E402
     Report,
     device_and_dtype,
     layer7b_case,
-    peft_lora_variant,
-    peft_miss_variant,
-    qmiss_variant,
     run_case,
     smollm2_case,
     table,
+    variants,
 )
 
-VARIANTS = {
-    "qmiss bat": qmiss_variant("bat"),
-    "PEFT MiSS bat": peft_miss_variant("bat"),
-    "qmiss default": qmiss_variant("default"),
-    "PEFT LoRA r=64": peft_lora_variant(),
-}
+VARIANTS = variants("qmiss bat", "PEFT MiSS bat", "qmiss default", "PEFT LoRA r=64")
 CASES = {"layer7b": layer7b_case, "smollm2": smollm2_case}
 
 

@@ -64,7 +64,11 @@ def quantize_targets(model: nn.Module, bits: int, compute_dtype: torch.dtype) ->
     for name, module in list(model.named_modules()):
         if name.split(".")[-1] in LINEAR_NAMES and type(module) is nn.Linear:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quant.quantize_linear(module, bits, compute_dtype=compute_dtype))
+            layer = quant.quantize_linear(module, bits, compute_dtype=compute_dtype)
+            # every variant, PEFT's too, keeps the canonical 4-bit layout: bitsandbytes' CPU repacking on an
+            # eval-mode forward would route later training through a kernel without autograd
+            quant.prepare_for_adapter(layer)
+            setattr(model.get_submodule(parent), child, layer)
     return model.requires_grad_(False)
 
 
@@ -92,6 +96,24 @@ def layer7b_case(bits: int) -> Case:
         return {"hidden": hidden.requires_grad_()}  # a mid-stack layer also computes dL/dx
 
     return Case("Llama-2-7B decoder layer", model, make_batch, lambda m, b: m(b["hidden"]).float().pow(2).mean())
+
+
+def llama7b_two_layer_case(bits: int) -> Case:
+    """A whole causal LM of Llama-2-7B's shapes cut to 2 decoder layers (embeddings, head, vocab 32000)."""
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = device_and_dtype()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama2_7b_config(num_hidden_layers=2), dtype=dtype)
+    model = quantize_targets(model, bits, dtype).to(device)
+    model.enable_input_require_grads()
+
+    def make_batch(batch: int, seq: int) -> dict:
+        gen = torch.Generator().manual_seed(batch * 10_000 + seq)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device)
+        return {"input_ids": ids, "labels": ids}
+
+    return Case("Llama-2-7B shape, 2 decoder layers", model, make_batch, lambda m, b: m(**b).loss)
 
 
 def smollm2_case(bits: int) -> Case:
@@ -176,6 +198,32 @@ class Result:
         return statistics.median(self.times)
 
 
+def timed(fn: Callable[[], None]) -> float:
+    """Seconds ``fn()`` takes, waiting for the GPU's queue to drain when there is one."""
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def variants(*names: str) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """The named adapter variants, e.g. variants("qmiss bat", "PEFT LoRA r=64"), in the order given."""
+    every = {
+        "qmiss default": qmiss_variant("default"),
+        "qmiss mini": qmiss_variant("mini"),
+        "qmiss bat": qmiss_variant("bat"),
+        "PEFT MiSS default": peft_miss_variant("default"),
+        "PEFT MiSS mini": peft_miss_variant("mini"),
+        "PEFT MiSS bat": peft_miss_variant("bat"),
+        "PEFT LoRA r=64": peft_lora_variant(),
+    }
+    return {name: every[name] for name in names}
+
+
 def run_case(case: Case, variants: dict[str, Callable], batch: int, seq: int, warmup: int = 2, steps: int = 5,
              lr: float = 1e-4) -> list[Result]:
     """Median step time (forward + backward + AdamW), saved-for-backward bytes, live peak and RSS growth."""
@@ -195,15 +243,6 @@ def run_case(case: Case, variants: dict[str, Callable], batch: int, seq: int, wa
 
         runners.append((step, model))
         results.append(Result(name, sum(p.numel() for p in params)))
-
-    def timed(step: Callable[[], None]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     for i in range(warmup + steps):  # interleaved: one step of every variant per round
         for (step, _), result in zip(runners, results):

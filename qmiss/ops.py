@@ -33,9 +33,9 @@ def shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     """
     n_in = x.shape[-1]
     aligned = n_in - n_in % r
-    s = x[..., :aligned].unflatten(-1, (aligned // r, r)).sum(dim=-2)  # (..., in/r, r) -> (..., r)
-    if aligned == n_in:
-        return s
+    if aligned == n_in:  # no slice: its backward would allocate and zero-fill an x-sized gradient first
+        return x.unflatten(-1, (n_in // r, r)).sum(dim=-2)  # (..., in/r, r) -> (..., r)
+    s = x[..., :aligned].unflatten(-1, (aligned // r, r)).sum(dim=-2)
     rem = n_in - aligned
     # the padded tail shard adds into the first `rem` positions only (no copy of x)
     return torch.cat([s[..., :rem] + x[..., aligned:], s[..., rem:]], dim=-1)

@@ -1,0 +1,106 @@
+"""The memory planner's tables for Llama-2-7B and a Llama-3-8B-shaped config, and the consumer-GPU targets.
+
+    python benchmarks/bench_plan.py
+
+No weights are loaded (the models are built on the meta device): for bits 4/8 × modes × batch 1/2/4
+× seq 512/1024, with gradient checkpointing, paged 8-bit AdamW and bf16 compute, the planned
+allocator peak in GiB and the smallest common card it fits (with the CUDA-context allowance).
+Writes results/bench_plan.md and results/bench_plan.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import Report  # noqa: E402
+from qmiss.plan import CARDS_GB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
+
+MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}}
+BATCHES, SEQS = (1, 2, 4), (512, 1024)
+
+
+def configs():
+    from transformers import LlamaConfig
+
+    return {
+        "Llama-2-7B": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                  num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000),
+        "Llama-3-8B shape": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                        num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
+                                        rope_theta=500000.0),
+    }
+
+
+def smallest_card(plan) -> str:
+    fits = [gb for gb, ok in plan.cards().items() if ok]
+    return f"{fits[0]} GB" if fits else f"> {CARDS_GB[-1]} GB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_plan.md"))
+    args = parser.parse_args()
+    report = Report(args.out)
+    report.add(f"## bench_plan: `python {' '.join(sys.argv)}`\n")
+    report.add(f"Planned allocator peak (GiB) and the smallest card that holds it plus "
+               f"{CUDA_CONTEXT_BYTES / 2**20:.0f} MiB of CUDA context; r=64 on every decoder linear (mini_r=64), "
+               f"gradient checkpointing, paged 8-bit AdamW, bf16 compute, nf4 + double quantization; "
+               f"{time.strftime('%Y-%m-%d')}\n")
+    curves = {}
+    for name, config in configs().items():
+        header = "| bits | mode | " + " | ".join(f"{b}×{s}" for b in BATCHES for s in SEQS) + " |"
+        lines = [f"**{name}**", "", header, "|---|---|" + "---:|" * (len(BATCHES) * len(SEQS))]
+        for bits in (4, 8):
+            for mode, extra in MODES.items():
+                cells = []
+                for batch in BATCHES:
+                    for seq in SEQS:
+                        plan = plan_memory(config, bits=bits, mode=mode, batch_size=batch, seq_len=seq, **extra)
+                        cells.append(f"{plan.peak_bytes / GiB:.2f} ({smallest_card(plan)})")
+                        curves.setdefault((name, bits, mode), []).append(plan.peak_bytes / GiB)
+                lines.append(f"| {bits} | {mode} | " + " | ".join(cells) + " |")
+        report.add("\n".join(lines) + "\n")
+
+    llama2 = configs()["Llama-2-7B"]
+    default = plan_memory(llama2, bits=4, mode="default", batch_size=1, seq_len=512)
+    bat = plan_memory(llama2, bits=4, mode="bat", batch_size=1, seq_len=512)
+    report.add("**Targets** (Llama-2-7B, 4-bit, r=64, 1×512, checkpointing, paged 8-bit AdamW):\n\n"
+               "| target | planned | met |\n|---|---:|:---:|\n"
+               f"| trainable parameters ≈ 87M | {default.trainable_parameters / 1e6:.1f}M | "
+               f"{'yes' if abs(default.trainable_parameters / 87e6 - 1) < 0.02 else 'NO'} |\n"
+               f"| default peak ≤ 5.0 GiB | {default.peak_bytes / GiB:.3f} GiB | {'yes' if default.peak_bytes <= 5 * GiB else 'NO'} |\n"
+               f"| bat peak ≤ 5.3 GiB | {bat.peak_bytes / GiB:.3f} GiB | {'yes' if bat.peak_bytes <= 5.3 * GiB else 'NO'} |\n"
+               f"| default fits a 6 GB card with the CUDA context | {(default.peak_bytes + CUDA_CONTEXT_BYTES) / 1e9:.2f} GB | "
+               f"{'yes' if default.fits(6) else 'NO'} |\n")
+    report.add("Breakdown, Llama-2-7B default:\n\n```\n" + default.table() + "\n```\n")
+    report.add("Breakdown, Llama-2-7B bat:\n\n```\n" + bat.table() + "\n```\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    labels = [f"{b}×{s}" for b in BATCHES for s in SEQS]
+    for ax, name in zip(axes, configs()):
+        for (model, bits, mode), values in curves.items():
+            if model == name:
+                ax.plot(labels, values, marker="o", ls="-" if bits == 4 else "--", label=f"{bits}-bit {mode}")
+        for gb in (6, 8, 12, 16, 24):
+            ax.axhline((gb * 1e9 - CUDA_CONTEXT_BYTES) / GiB, color="gray", lw=0.6, ls=":")
+            ax.text(len(labels) - 1, (gb * 1e9 - CUDA_CONTEXT_BYTES) / GiB, f"{gb} GB", fontsize=7, va="bottom")
+        ax.set_title(f"{name}: planned peak (GiB)")
+        ax.set_xlabel("batch × seq")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(args.out).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    report.add(f"![planned peak per batch and sequence length]({png.name})\n")
+
+
+if __name__ == "__main__":
+    main()
