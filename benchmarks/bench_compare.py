@@ -39,7 +39,8 @@ from benchmarks.common import (  # noqa: E402
 
 VARIANTS = variants("qmiss default", "qmiss mini", "qmiss bat", "PEFT MiSS default", "PEFT MiSS mini",
                     "PEFT MiSS bat", "PEFT LoRA r=64")
-CASES = {"smollm2": (smollm2_case, (2, 256)), "llama7b2": (llama7b_two_layer_case, (1, 256))}
+# case: (builder, (batch, seq), measured rounds); 7 rounds put each of the 7 variants first once
+CASES = {"smollm2": (smollm2_case, (2, 256), 7), "llama7b2": (llama7b_two_layer_case, (1, 256), 4)}
 LAYER_SHAPES = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # q k v o, gate up, down (in, out)
 
 
@@ -117,7 +118,7 @@ def plot(all_results: dict[str, list], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="measured rounds (default: 7 SmolLM2, 4 7B)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_compare.md"))
     args = parser.parse_args()
@@ -131,9 +132,9 @@ def main() -> None:
                f"{time.strftime('%Y-%m-%d')}\n")
     all_results = {}
     for key in CASES if args.case == "all" else [args.case]:
-        make, (batch, seq) = CASES[key]
+        make, (batch, seq), steps = CASES[key]
         case = make(4)
-        results = run_case(case, VARIANTS, batch, seq, warmup=args.warmup, steps=args.steps)
+        results = run_case(case, VARIANTS, batch, seq, warmup=args.warmup, steps=args.steps or steps)
         title = f"{case.name}, batch {batch}×{seq}"
         all_results[title] = results
         lines = [table(results, "PEFT LoRA r=64", title), "",

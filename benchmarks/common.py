@@ -244,8 +244,9 @@ def run_case(case: Case, variants: dict[str, Callable], batch: int, seq: int, wa
         runners.append((step, model))
         results.append(Result(name, sum(p.numel() for p in params)))
 
-    for i in range(warmup + steps):  # interleaved: one step of every variant per round
-        for (step, _), result in zip(runners, results):
+    pairs = list(zip(runners, results))
+    for i in range(warmup + steps):  # interleaved: one step of every variant per round,
+        for (step, _), result in pairs[i % len(pairs):] + pairs[:i % len(pairs)]:  # who goes first rotates
             elapsed = timed(step)
             if i >= warmup:
                 result.times.append(elapsed)

@@ -135,3 +135,9 @@ def test_plan_of_llama2_7b_meets_the_consumer_gpu_target() -> None:
     assert 86e6 < default.trainable_parameters < 88e6  # "87M trainable parameters"
     assert default.fits(6)
     assert plan_memory(config, bits=4, r=64, mode="bat").peak_bytes > default.peak_bytes
+
+
+def test_qmiss_command_lists_its_subcommands(capsys) -> None:
+    assert cli.main(["no-such-command"]) == 2
+    assert "qmiss {plan,train}" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
