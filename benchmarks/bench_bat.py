@@ -12,7 +12,6 @@ growth during a step) and the issue's targets with the measured ratios.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     MB,
     Report,
-    device_and_dtype,
     layer7b_case,
+    machine_line,
     run_case,
     smollm2_case,
     table,
@@ -62,11 +61,9 @@ def main() -> None:
                         help="markdown file the tables are also written to")
     args = parser.parse_args()
 
-    device, dtype = device_and_dtype()
     report = Report(args.out)
     report.add(f"# bench_bat: `python {' '.join(sys.argv)}`\n")
-    report.add(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'},"
-               f" {torch.get_num_threads()} threads), compute {dtype}, {args.bits}-bit base (nf4, double quant), "
+    report.add(f"{machine_line()}, {args.bits}-bit base (nf4, double quant), "
                f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for key in CASES if args.case == "all" else [args.case]:

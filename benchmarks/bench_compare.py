@@ -15,7 +15,6 @@ Writes results/bench_compare.md and results/bench_compare.png.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,8 @@ from benchmarks.common import (  # noqa: E402
     Report,
     device_and_dtype,
     llama7b_two_layer_case,
+    machine_line,
+    pyplot,
     run_case,
     smollm2_case,
     table,
@@ -94,11 +95,7 @@ def branch_times(tokens: int, r: int = 64, rounds: int = 12) -> tuple[float, flo
 
 
 def plot(all_results: dict[str, list], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(len(all_results), 2, figsize=(12, 3.6 * len(all_results)), squeeze=False)
     for row, (title, results) in enumerate(all_results.items()):
         names = [r.variant for r in results]
@@ -123,11 +120,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_compare.md"))
     args = parser.parse_args()
 
-    device, dtype = device_and_dtype()
     report = Report(args.out)
     report.add(f"## bench_compare: `python {' '.join(sys.argv)}`\n")
-    report.add(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'},"
-               f" {torch.get_num_threads()} threads), compute {dtype}, 4-bit base (nf4, double quant), r=64 "
+    report.add(f"{machine_line()}, 4-bit base (nf4, double quant), r=64 "
                f"(mini_r=64; LoRA alpha 16) on {', '.join(LINEAR_NAMES)}; torch {torch.__version__}, "
                f"{time.strftime('%Y-%m-%d')}\n")
     all_results = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import Report, peft_lora_variant, qmiss_variant, smollm2_case  # noqa: E402
+from benchmarks.common import Report, peft_lora_variant, pyplot, qmiss_variant, smollm2_case  # noqa: E402
 from qmiss import train  # noqa: E402
 
 METHODS = {"qmiss default r=64": qmiss_variant("default"), "qmiss bat r=64": qmiss_variant("bat"),
@@ -118,11 +118,7 @@ def main() -> None:
                      f"{statistics.mean(losses[-5:]):.3f} | {half if half else 'not reached'} |")
     report.add("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (name, lr), r in results.items():
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1.6 if best[name] == (name, lr) else 0.8,

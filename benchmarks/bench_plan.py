@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import Report  # noqa: E402
+from benchmarks.common import Report, pyplot  # noqa: E402
 from qmiss.plan import CARDS_GB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
 
 MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}}
@@ -79,11 +79,7 @@ def main() -> None:
     report.add("Breakdown, Llama-2-7B default:\n\n```\n" + default.table() + "\n```\n")
     report.add("Breakdown, Llama-2-7B bat:\n\n```\n" + bat.table() + "\n```\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     labels = [f"{b}×{s}" for b in BATCHES for s in SEQS]
     for ax, name in zip(axes, configs()):

@@ -36,6 +36,25 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def machine_line() -> str:
+    """Where a benchmark ran: device, its name, threads and compute dtype."""
+    import platform
+
+    device, dtype = device_and_dtype()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    return f"device {device} ({name}, {torch.get_num_threads()} threads), compute {dtype}"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks write PNGs, never open windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class DecoderLayerModel(nn.Module):
     """One Llama decoder layer (plus its rotary embedding), fed hidden states directly."""
 
