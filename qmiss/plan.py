@@ -151,7 +151,8 @@ def _quantized_bytes(n_in: int, n_out: int, bits: Optional[int], double_quant: b
     return values * base_itemsize
 
 
-def _adapter_shape_values(n_in: int, n_out: int, r: int, mode: str, mini_r: Optional[int]) -> int:
+def _adapter_values(n_out: int, r: int, mode: str, mini_r: Optional[int]) -> int:
+    """Values of one layer's adapter: (r, out) default, (r, mini_r) mini, (out/r, r, r) bat."""
     return {"default": r * n_out, "mini": r * (mini_r or 0), "bat": n_out * r}[mode]
 
 
@@ -198,10 +199,9 @@ def plan_memory(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
     qconfig = QMissConfig(r=r, mode=mode, mini_r=mini_r, bits=bits, target_modules=target_modules,
-                          exclude_modules=exclude_modules, double_quant=double_quant)
+                          exclude_modules=exclude_modules, double_quant=double_quant)  # validates mode, bits, mini_r
+    bits = qconfig.bits  # 16 means None
     hf_config = _load_config(config)
     base_dtype = base_dtype or compute_dtype
     from qmiss.model import _check_shapes, _output_head, find_targets
@@ -245,14 +245,12 @@ def plan_memory(
     items["embeddings + lm_head" + (" (tied)" if tied else "")] = embed_head
     items["norms and other unquantized"] = norms + other
 
-    trainable = sum(_adapter_shape_values(modules[n].in_features, modules[n].out_features, r, mode, mini_r)
-                    for n in targets)
+    adapter_sizes = [_adapter_values(modules[n].out_features, r, mode, mini_r) for n in targets]
+    trainable = sum(adapter_sizes)
     items["adapters (fp32)"] = 4 * trainable
     per_value = OPTIMIZERS[optimizer]
     if "8bit" in optimizer:
-        shapes = [_adapter_shape_values(modules[n].in_features, modules[n].out_features, r, mode, mini_r)
-                  for n in targets]
-        optim_bytes = sum(int(n * per_value) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in shapes)
+        optim_bytes = sum(int(n * per_value) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in adapter_sizes)
     else:
         optim_bytes = int(trainable * per_value)
     items[f"optimizer states ({optimizer})"] = optim_bytes
