@@ -15,6 +15,8 @@ import torch
 Mode = Literal["default", "mini", "bat"]
 MODES: tuple[str, ...] = ("default", "mini", "bat")
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+#: dtypes a quantized base can compute in (bitsandbytes' kernels).
+COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 # PEFT's init_weights values and the qmiss mode each one means.
 _INIT_WEIGHTS_TO_MODE = {True: "default", "mini": "mini", "bat": "bat"}
@@ -36,6 +38,38 @@ def mode_from_init_weights(init_weights: Union[bool, str]) -> str:
         f"init_weights={init_weights!r} is not supported; use True (MiSS balance, mode='default'), "
         "'mini' or 'bat' — qmiss always starts from zero-initialised adapters so training begins at the base model"
     )
+
+
+def default_compute_dtype(device: Union[torch.device, str]) -> torch.dtype:
+    """The compute-dtype rule, for a layer whose ``compute_dtype`` the user did not set.
+
+    bf16 on a CUDA device (fp16 where the GPU has no bf16: pre-Ampere cards), fp32
+    elsewhere (bf16 matmuls are slow on CPUs). It is applied where the layer runs: a
+    model prepared on the CPU and then moved to a GPU computes in bf16 there.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32
+
+
+def check_compute_dtype(dtype: Optional[torch.dtype], bits: Optional[int], where: str = "compute_dtype") -> None:
+    """Refuse a compute dtype that cannot be right for this base.
+
+    Raises:
+        TypeError: not a floating-point ``torch.dtype``.
+        ValueError: fp64 on a 4/8-bit base: bitsandbytes has no fp64 kernels (its CPU
+            4-bit dequantization returns uninitialised memory for fp64).
+    """
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{where}={dtype!r} is not a floating-point torch.dtype; use torch.bfloat16, torch.float16 "
+                        "or torch.float32, or None for the default (bf16 on CUDA, fp32 on the CPU)")
+    if bits is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"{where}={dtype} on a {bits}-bit base: bitsandbytes computes in bf16, fp16 or fp32 only; "
+                         "use one of those, or None for the default (bf16 on CUDA, fp32 on the CPU)")
 
 
 def init_weights_from_mode(mode: str) -> Union[bool, str]:
@@ -60,7 +94,7 @@ class QMissConfig:
     target_modules: Union[str, list[str]] = "all-linear"  # "all-linear", a regex, or a list of name suffixes
     exclude_modules: Optional[Union[str, list[str]]] = None  # same syntax; wins over target_modules
     dropout: float = 0.0  # dropout on the adapter's input (default and mini)
-    compute_dtype: Optional[torch.dtype] = None  # None: bf16 on CUDA, fp32 on CPU, decided per model
+    compute_dtype: Optional[torch.dtype] = None  # None: follow the device (default_compute_dtype); else fixed
     bat_chunk_bytes: int = 64 * 2**20  # bat: byte budget of one dequantized chunk of weight rows
     base_model_name_or_path: Optional[str] = None  # recorded in the PEFT adapter config
 
@@ -89,8 +123,7 @@ class QMissConfig:
                 f"dropout={self.dropout} with mode='bat': bat folds the adapter into the weight, so there is no "
                 "separate adapter input to drop; use dropout=0.0, or mode='default'"
             )
-        if self.compute_dtype is not None and self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r} must be torch.float32, torch.bfloat16 or torch.float16")
+        check_compute_dtype(self.compute_dtype, self.bits)
         if self.bat_chunk_bytes <= 0:
             raise ValueError(f"bat_chunk_bytes={self.bat_chunk_bytes} must be positive, e.g. 64 * 2**20")
         if not isinstance(self.target_modules, (str, list, tuple, set)):

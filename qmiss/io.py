@@ -220,12 +220,14 @@ def from_pretrained(model: nn.Module, directory: PathLike, trainable: bool = Fal
         model: a full-precision (or BitsAndBytesConfig-loaded) transformers model.
         directory: the adapter folder.
         trainable: see :func:`load_adapter`.
-        **overrides: :func:`prepare_qmiss` arguments to use instead of the recorded ones (e.g. ``bits=8``).
+        **overrides: :func:`prepare_qmiss` arguments to use instead of the recorded ones (e.g. ``bits=8``,
+            ``compute_dtype=torch.float32``; the compute dtype recorded at save time is not replayed).
     """
     config, tensors, _ = read_adapter(directory)
+    # The recorded compute dtype is not replayed: it belongs to the machine that trained (fp32 on a
+    # CPU), not to the adapter; the compute-dtype rule picks one for where this model runs.
     settings = dict(r=config.r, mode=config.mode, mini_r=config.mini_r, bits=config.bits, quant_type=config.quant_type,
-                    double_quant=config.double_quant, target_modules=sorted(tensors), dropout=config.dropout,
-                    compute_dtype=config.compute_dtype)
+                    double_quant=config.double_quant, target_modules=sorted(tensors), dropout=config.dropout)
     if any(quant.is_linear(m) and quant.quant_bits(m) is not None for m in model.modules()):
         settings["bits"] = "auto"  # a BitsAndBytesConfig model keeps its own quantization
     settings.update(overrides)

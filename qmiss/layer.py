@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qmiss import ops, quant
-from qmiss.config import MODES
+from qmiss.config import MODES, check_compute_dtype, default_compute_dtype
 
 
 class MissBlock(nn.Module):
@@ -51,12 +51,16 @@ class MissLinear(nn.Module):
         mode: "default", "mini" or "bat".
         mini_r: mini: adapter width along out_features.
         dropout: dropout probability on the adapter's input (default/mini).
-        compute_dtype: dtype of the adapter math (and of bat's dequantized weight).
+        compute_dtype: dtype of the base matmul (4-bit), the adapter math and bat's dequantized
+            weight; None follows the device the layer is on (:func:`qmiss.config.default_compute_dtype`:
+            bf16 on CUDA, fp32 on the CPU), also after the layer is moved.
         bat_chunk_bytes: bat: byte budget of one dequantized chunk of rows.
         name: the module's path in its model, used in error messages.
 
     Raises:
-        ValueError: r out of range, bat with in or out not divisible by r, mini with out % mini_r != 0.
+        ValueError: r out of range, bat with in or out not divisible by r, mini with out % mini_r != 0,
+            fp64 compute on a 4/8-bit base.
+        TypeError: a compute dtype that is not a floating-point dtype.
 
     Attributes:
         miss_block: the trainable adapter, zeros at init; (r, out) default,
@@ -70,7 +74,7 @@ class MissLinear(nn.Module):
         mode: str = "default",
         mini_r: int | None = None,
         dropout: float = 0.0,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         bat_chunk_bytes: int = 64 * 2**20,
         name: str = "",
     ) -> None:
@@ -88,12 +92,13 @@ class MissLinear(nn.Module):
             )
         if mode == "mini" and (not mini_r or n_out % mini_r):
             raise ValueError(f"{where}: out_features={n_out} is not divisible by mini_r={mini_r}; pick a mini_r dividing it")
+        check_compute_dtype(compute_dtype, quant.quant_bits(base_layer), f"{where}: compute_dtype")
         quant.prepare_for_adapter(base_layer)
-        quant.set_compute_dtype(base_layer, compute_dtype)
         self.base_layer = base_layer
         self.in_features, self.out_features = n_in, n_out
         self.r, self.mode, self.mini_r = r, mode, mini_r
-        self.compute_dtype = compute_dtype
+        self.requested_compute_dtype = compute_dtype  # None: follow the device
+        self.compute_dtype = compute_dtype  # the dtype in force; resolved by _follow_device
         self.bat_chunk_bytes = bat_chunk_bytes
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -102,6 +107,23 @@ class MissLinear(nn.Module):
         self.adapter = MissBlock(shape, device)
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
         self.merged = False  # True once the adapter is folded into an unquantized base weight
+        self._follow_device()
+
+    def _follow_device(self) -> None:
+        """Bring what depends on the device in line with where the weights now are: bitsandbytes'
+        quantization state (which ``nn.Module._apply`` leaves behind for 8-bit weights) and the
+        compute dtype, unless the user fixed it."""
+        quant.follow_weight_device(self.base_layer)
+        device = self.miss_block.device
+        self.compute_dtype = self.requested_compute_dtype or default_compute_dtype(device)
+        quant.set_compute_dtype(self.base_layer, self.compute_dtype)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 — nn.Module's signature
+        """``.to()``, ``.cuda()`` and the Trainer's move all end here: move, then re-sync (see :meth:`_follow_device`)."""
+        super()._apply(fn, recurse)
+        if self.miss_block.device.type != "meta":
+            self._follow_device()
+        return self
 
     @property
     def miss_block(self) -> nn.Parameter:

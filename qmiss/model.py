@@ -16,15 +16,19 @@ from qmiss.layer import MissLinear
 AUTO = "auto"
 
 
-def _default_compute_dtype(model: nn.Module, targets: list[nn.Module]) -> torch.dtype:
-    """The loaded 4-bit layers' own compute dtype (BitsAndBytesConfig's bnb_4bit_compute_dtype) if set;
-    else bf16 on CUDA (fast, what QLoRA uses) and fp32 on the CPU (bf16 matmuls are slow there)."""
+def _loaded_compute_dtype(targets: list[nn.Module]) -> Optional[torch.dtype]:
+    """A 16-bit ``bnb_4bit_compute_dtype`` the model was loaded with, which counts as the user's choice.
+
+    transformers' ``BitsAndBytesConfig`` turns an unset ``bnb_4bit_compute_dtype`` into fp32,
+    so a loaded fp32 cannot be told from "left at the default" and is treated as unset: the
+    layers then follow the compute-dtype rule (bf16 on CUDA). Pass ``compute_dtype=torch.float32``
+    to prepare_qmiss to really compute in fp32 on a GPU.
+    """
     for module in targets:
-        if quant.quant_bits(module) == 4 and module.compute_dtype is not None:
-            return module.compute_dtype
-    param = next(model.parameters(), None)
-    on_cuda = param is not None and param.device.type == "cuda"
-    return torch.bfloat16 if on_cuda else torch.float32
+        dtype = getattr(module, "compute_dtype", None) if quant.quant_bits(module) == 4 else None
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return None
 
 
 def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
@@ -161,10 +165,13 @@ def _resolve_storage(
 
 
 def _upcast_for_kbit_training(model: nn.Module) -> None:
-    """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them.
+    """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them
+    (``prepare_qmiss(fp32_norms=True)``).
 
-    fp32 norms keep training stable; their fp32 output then flows into the head,
-    which must match it. The input embeddings (a lookup) keep their dtype to save memory.
+    An fp32 norm returns fp32 (transformers' RMSNorm multiplies by its weight last), so the
+    head must be fp32 too, and with a 16-bit model every decoder layer after the first then
+    receives an fp32 residual stream: twice the activation bytes. The input embeddings (a
+    lookup) keep their dtype.
     """
     modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
     head = _output_head(model)
@@ -221,6 +228,7 @@ def prepare_qmiss(
     bat_chunk_bytes: int = 64 * 2**20,
     init_weights: Union[bool, str, None] = None,
     quant_storage: Optional[torch.dtype] = None,
+    fp32_norms: bool = False,
 ) -> nn.Module:
     """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
 
@@ -242,7 +250,9 @@ def prepare_qmiss(
         dropout: adapter-input dropout (default/mini only).
         quant_type: 4-bit data type, "nf4" or "fp4".
         double_quant: 4-bit double quantization.
-        compute_dtype: dtype of the base matmul and adapter math; default bf16 on CUDA, fp32 on CPU.
+        compute_dtype: dtype of the base matmul and adapter math. None (default): a 16-bit
+            ``bnb_4bit_compute_dtype`` the model was loaded with, else each layer follows its
+            device, also after a move: bf16 on CUDA (fp16 without bf16 support), fp32 on the CPU.
         gradient_checkpointing: turn on transformers' (non-reentrant) gradient checkpointing.
         bat_chunk_bytes: bat: byte budget of one dequantized chunk of weight rows.
         init_weights: PEFT's name for the mode (True, "mini", "bat"); give this or ``mode``.
@@ -251,6 +261,10 @@ def prepare_qmiss(
             frozen tensor is then kept in this dtype too (norms and head are not upcast), and the
             fp32 adapters go in units of their own (:func:`qmiss.fsdp_auto_wrap_policy`). A
             model loaded with a float ``bnb_4bit_quant_storage`` gets this layout by itself.
+        fp32_norms: QLoRA's habit: norms and the output head upcast to fp32. Off by default:
+            everything frozen keeps the dtype the model was loaded in, so a bf16 model's residual
+            stream stays bf16 from end to end (transformers computes the loss in fp32 either way).
+            With it on, a 16-bit model's stream turns fp32 after the first norm.
 
     Returns:
         The same model object, with ``model.qmiss_config`` set.
@@ -291,13 +305,13 @@ def prepare_qmiss(
     storage = _resolve_storage(model, targets, config.bits, quant_storage)
     modules = dict(model.named_modules())
     if config.compute_dtype is None:
-        config.compute_dtype = _default_compute_dtype(model, [modules[n] for n in targets])
+        config.compute_dtype = _loaded_compute_dtype([modules[n] for n in targets])
 
     model.requires_grad_(False)
     for module in model.modules():  # untargeted 4-bit layers too: eval must see the weights training saw
         if quant.is_linear(module):
             quant.prepare_for_adapter(module)
-    if config.bits is not None and storage is None:
+    if fp32_norms and config.bits is not None and storage is None:
         _upcast_for_kbit_training(model)
     for name in targets:
         base = modules[name]

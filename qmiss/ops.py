@@ -149,12 +149,47 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+#: fp32 copies of 16-bit chunk rows are made this many parts at a time: they add 1/16 to the chunk budget.
+WIDEN_PARTS = 16
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor]) -> None:
+    """``acc += a @ b`` for 16-bit ``a``, ``b`` and an fp32 ``acc``, the product never rounded to 16 bits.
+
+    CUDA multiplies 16-bit matrices into fp32 (``out_dtype``), into ``scratch``. Other devices
+    (the CPU in torch 2.13) cannot: there ``b``'s rows are copied to fp32 a part at a time
+    (1/:data:`WIDEN_PARTS` of them, so the copies stay small next to the chunk) and multiplied
+    in fp32, which is exact for the products of 16-bit values and sums them in fp32 alike.
+
+    Args:
+        acc: (N, in) fp32, added into.
+        a: (N, k) 16-bit, may be a strided column slice.
+        b: (k, in) 16-bit.
+        scratch: (N, in) fp32 buffer on CUDA, else None.
+    """
+    if scratch is not None:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32, out=scratch))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # torch before 2.8 has no out_dtype: widen instead
+            pass
+    k = b.shape[0]
+    step = max(1, k // WIDEN_PARTS)
+    for s in range(0, k, step):
+        acc.addmm_(a[:, s : s + step].float(), b[s : s + step].float())
+
+
 class BatLinear(torch.autograd.Function):
     """y = x W'ᵀ + b with W' = bat(W, B), keeping no dequantized weight for backward.
 
     Forward and backward rebuild W' one chunk of output rows at a time from the
     packed base weight (through ``rows``), so the transient peak is one chunk and
     only x and B are saved: the bitsandbytes MatMul4Bit pattern applied to bat.
+
+    In 16 bits, backward sums dx over the chunks in fp32, so its rounding error does
+    not grow with the chunk count. That costs an fp32 (N, in) accumulator (twice the
+    bytes of x; on CUDA a second one for each chunk's product), and, off CUDA, fp32
+    copies of 1/:data:`WIDEN_PARTS` of a chunk at a time. fp32 compute has neither.
     """
 
     @staticmethod
@@ -192,7 +227,12 @@ class BatLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         g2 = grad_out.reshape(-1, out_features).to(x.dtype)  # (N, out)
         need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros_like(x2) if need_x else None
+        # dx is a sum over chunks: summed in 16 bits, each step rounds and the error grows with the
+        # chunk count. Over several chunks a 16-bit dx is summed in an fp32 (N, in) accumulator
+        # (the size of two 16-bit activations) and rounded once at the end.
+        wide = need_x and x.dtype.itemsize < 4 and ctx.chunk < out_features
+        grad_x = torch.zeros_like(x2, dtype=torch.float32 if wide else x.dtype) if need_x else None
+        scratch = torch.empty_like(x2, dtype=torch.float32) if wide and x.device.type == "cuda" else None
         grad_block = torch.empty_like(block) if need_block else None
         with torch.autocast(x.device.type, enabled=False):
             buffer = x2.new_empty(min(ctx.chunk, out_features), x2.shape[1])  # W'_c, then G_c
@@ -201,14 +241,18 @@ class BatLinear(torch.autograd.Function):
                 w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
                 g = g2[:, a:b]  # (N, b - a)
                 if need_x:
-                    grad_x.addmm_(g, bat_weight(w, block[a // r : b // r], out=buffer))
+                    w_new = bat_weight(w, block[a // r : b // r], out=buffer)  # W'_c
+                    if wide:
+                        _addmm_fp32(grad_x, g, w_new, scratch)
+                    else:
+                        grad_x.addmm_(g, w_new)
                 if need_block:
                     grad_w = torch.mm(g.t(), x2, out=buffer[: b - a])  # G_c = g_cᵀ x, (b - a, in)
                     grad_block[a // r : b // r] = bat_block_grad(w, grad_w, r)
                 del w
-            del buffer
+            del buffer, scratch
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_x = grad_x.view_as(x) if need_x else None
+        grad_x = grad_x.to(x.dtype).view_as(x) if need_x else None
         return grad_x, grad_block, grad_bias, None, None, None
 
 

@@ -172,6 +172,7 @@ def plan_memory(
     exclude_modules: Optional[Union[str, list[str]]] = None,
     double_quant: bool = True,
     bat_chunk_bytes: int = 64 * MiB,
+    fp32_norms: bool = False,
 ) -> MemoryPlan:
     """Plan the memory of one training step of a qmiss model, without loading weights.
 
@@ -184,8 +185,10 @@ def plan_memory(
         gradient_checkpointing: transformers' (non-reentrant) checkpointing per decoder layer.
         optimizer: one of :data:`OPTIMIZERS` (Trainer ``--optim`` names).
         compute_dtype: dtype of the base matmuls and adapter math (bf16 on GPUs).
-        base_dtype: dtype the model is loaded in (embeddings, the residual stream);
+        base_dtype: dtype the model is loaded in (embeddings, norms, head, the residual stream);
             default ``compute_dtype``.
+        fp32_norms: as in :func:`qmiss.prepare_qmiss`: norms and head upcast to fp32, which also
+            turns the residual stream fp32 after the first norm.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -225,7 +228,7 @@ def plan_memory(
 
     head = _output_head(model)
     upcast = set()
-    if bits is not None:  # prepare_qmiss keeps norms and the head in fp32
+    if bits is not None and fp32_norms:  # QLoRA's habit, on request: norms and the head in fp32
         upcast = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
         if head is not None:
             upcast |= {id(p) for p in head.parameters()}
@@ -267,7 +270,8 @@ def plan_memory(
     inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
     vocab = hf_config.vocab_size
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
-    norm_e = 4 if bits is not None else e_base  # upcast norms compute and return fp32
+    norm_e = 4 if bits is not None and fp32_norms else e_base  # upcast norms compute and return fp32
+    e_stream = norm_e  # an fp32 norm returns fp32: every layer after the first then gets an fp32 residual stream
     per_layer_targets = [n for n in targets if n.startswith(layers[0] + ".")] if layers else []
 
     # one decoder layer's saved activations (what autograd and bitsandbytes keep for backward)
@@ -282,7 +286,7 @@ def plan_memory(
     if mode != "bat":
         extra += tokens * e * r * len(per_layer_targets)  # the shard sums Σ_j x_j each adapter keeps
     layer_acts = norms_saved + attention + mlp + extra
-    layer_input = tokens * hidden * e_base  # the residual stream, which checkpointing keeps per layer
+    layer_input = tokens * hidden * e_stream  # the residual stream, which checkpointing keeps per layer
 
     logits = tokens * vocab * 4  # the head runs in fp32 on the fp32 final norm; loss in fp32
     grads = 4 * trainable

@@ -36,6 +36,9 @@ RowDequantizer = Callable[[int, int], torch.Tensor]
 INT8_THRESHOLD = 6.0
 #: 1/127 as bitsandbytes writes it, so dequantized int8 rows match its own to the bit.
 INT8_SCALE = 7.874015718698502e-3
+#: int8 rows wanted in another dtype than fp32 are computed in fp32 this many parts at a time
+#: (the fp32 temporary stays a small fraction of the output, not twice a 16-bit one).
+DEQUANT_PARTS = 16
 
 
 def quant_bits(module: nn.Module) -> Optional[int]:
@@ -74,7 +77,7 @@ def quantize_linear(
     bits: int,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """A bitsandbytes copy of ``linear``: ``Linear4bit`` (bits=4) or ``Linear8bitLt`` (bits=8).
@@ -87,7 +90,8 @@ def quantize_linear(
         bits: 4 or 8.
         quant_type: 4-bit data type, "nf4" or "fp4".
         double_quant: 4-bit: quantize the absmax constants too.
-        compute_dtype: 4-bit: dtype the base matmul runs in.
+        compute_dtype: 4-bit: dtype the base matmul runs in (None: bitsandbytes picks it from the
+            first input; :class:`~qmiss.layer.MissLinear` sets it when it wraps the layer).
         quant_storage: 4-bit: dtype the packed bytes are stored as (transformers'
             ``bnb_4bit_quant_storage``); a float dtype lets FSDP1 flatten them with the
             float tensors of their unit. The bytes are the same either way.
@@ -165,6 +169,35 @@ def set_compute_dtype(module: nn.Module, dtype: torch.dtype) -> None:
         module.compute_type_is_set = True
 
 
+def follow_weight_device(module: nn.Module) -> None:
+    """Move what bitsandbytes keeps beside a layer's weight to the weight's device, in place.
+
+    ``nn.Module._apply`` (behind ``model.to(...)``, ``.cuda()`` and the Trainer's move)
+    replaces ``param.data`` and keeps the parameter object, so what bitsandbytes stores
+    on that object or on the layer stays where it was: an ``Int8Params``' ``CB``/``SCB``
+    and the layer's ``state.CB``/``state.SCB`` (bitsandbytes only moves them in
+    ``Linear8bitLt.to`` called on the layer itself). ``Params4bit.to`` moves its
+    ``QuantState`` in place, but a state reached only through the layer is moved here too.
+    """
+    bits = quant_bits(module)
+    weight = module.weight
+    device = weight.device
+    if bits == 4:
+        state = _quant_state(module)
+        if state is not None and state.absmax.device != device:
+            state.to(device)
+    elif bits == 8:
+        state = module.state
+        if getattr(weight, "CB", None) is not None:
+            weight.CB = weight.data  # CB is the int8 matrix itself
+        if getattr(weight, "SCB", None) is not None:
+            weight.SCB = weight.SCB.to(device)
+        if state.CB is not None:
+            state.CB = weight.data
+        if state.SCB is not None:
+            state.SCB = state.SCB.to(device)
+
+
 def _int8_scales(module: nn.Module) -> torch.Tensor:
     scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
     if scb is None:
@@ -172,12 +205,30 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
     return scb
 
 
-def _absmax_4bit(state: bnb.functional.QuantState) -> torch.Tensor:
-    """The fp32 absmax of every block, undoing double quantization."""
-    if state.nested:
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return absmax.float()
-    return state.absmax.float()
+def _absmax_4bit(state: bnb.functional.QuantState, start: int, stop: int) -> torch.Tensor:
+    """The fp32 absmax of 4-bit blocks ``[start, stop)``, undoing double quantization.
+
+    With double quantization the absmax is itself blockwise 8-bit (``state.state2``,
+    blocks of 256 entries): the whole nested blocks covering the range are dequantized
+    the way ``bnb.functional.dequantize_blockwise`` dequantizes all of them, so the
+    values are those of the whole layer's absmax, bit for bit, at a fraction of its size.
+
+    Returns:
+        (stop - start,) fp32.
+    """
+    if not state.nested:
+        return state.absmax[start:stop].float()
+    nested = state.state2
+    first = start // nested.blocksize * nested.blocksize
+    last = min(math.ceil(stop / nested.blocksize) * nested.blocksize, state.absmax.numel())
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise(
+        state.absmax[first:last],
+        nested.absmax[first // nested.blocksize : math.ceil(last / nested.blocksize)],
+        nested.code.to(state.absmax.device),
+        nested.blocksize,
+        nested.dtype,
+    )
+    return (absmax[start - first : stop - first] + state.offset).float()
 
 
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -188,11 +239,22 @@ def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.T
 def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
     """A function ``rows(a, b) -> (b - a, in)`` weight rows in ``dtype``.
 
-    4-bit: ``a`` must be a multiple of :func:`row_alignment`; the absmax of the whole
-    layer (out·in/64 floats) is prepared once here, each call dequantizes only its
-    bytes. The returned function reads the packed weight when called, so it holds no
-    weight-sized tensor.
+    The returned function holds references to the packed weight and its quantization
+    state only, and dequantizes on each call just what its rows need (4-bit: their
+    bytes and their absmax entries), so it keeps nothing alive while bat holds it from
+    forward to backward. Any float ``dtype`` gets the fp32 values rounded once: a 4-bit
+    weight asked for a dtype other than fp32/bf16/fp16 (the ones bitsandbytes' kernels
+    write) is dequantized in fp32 and cast. 4-bit: ``a`` must be a multiple of
+    :func:`row_alignment`.
+
+    Raises:
+        TypeError: if ``dtype`` is not a floating-point dtype.
     """
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"{type(module).__name__}: cannot dequantize a weight to dtype={dtype}, which is not a float dtype; "
+            "ask for torch.float32, torch.bfloat16, torch.float16 or torch.float64"
+        )
     bits = quant_bits(module)
     weight = module.weight
     if bits is None:
@@ -201,15 +263,23 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
         scales = _int8_scales(module)
 
         def rows_int8(a: int, b: int) -> torch.Tensor:
-            # bitsandbytes' int8_vectorwise_dequant (CB · SCB · 1/127 in fp32), in place on one fp32 buffer
-            rows = weight.data[a:b].float().mul_(scales[a:b, None]).mul_(INT8_SCALE)
-            return rows.to(dtype)
+            # bitsandbytes' int8_vectorwise_dequant, CB · SCB · 1/127 in fp32, kept to the bit
+            if dtype == torch.float32:  # in place on the output
+                return weight.data[a:b].float().mul_(scales[a:b, None]).mul_(INT8_SCALE)
+            # in fp32 a part of the rows at a time: an fp32 copy of them all is twice a 16-bit chunk
+            out = torch.empty(b - a, weight.shape[1], dtype=dtype, device=weight.device)
+            step = max(1, (b - a) // DEQUANT_PARTS)
+            for s in range(a, b, step):
+                e = min(s + step, b)
+                out[s - a : e - a] = weight.data[s:e].float().mul_(scales[s:e, None]).mul_(INT8_SCALE)
+            return out
 
         return rows_int8
 
     prepare_for_adapter(module)
     state = _quant_state(module)
-    absmax = _absmax_4bit(state)
+    # bitsandbytes' CPU kernel writes fp32/bf16/fp16 only (for fp64 it returns an unwritten tensor)
+    kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     n_in = module.in_features
     blocksize = state.blocksize
     alignment = row_alignment(module)
@@ -219,14 +289,15 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
         if a % alignment:
             raise ValueError(f"4-bit rows must start at a multiple of {alignment} (in={n_in}, blocksize {blocksize}); got {a}")
         start, stop = a * n_in, b * n_in
-        return torch.ops.bitsandbytes.dequantize_4bit(
+        rows = torch.ops.bitsandbytes.dequantize_4bit(
             packed[start // 2 : (stop + 1) // 2],
-            absmax[start // blocksize : math.ceil(stop / blocksize)],
+            _absmax_4bit(state, start // blocksize, math.ceil(stop / blocksize)),
             blocksize,
             state.quant_type,
             [b - a, n_in],
-            dtype,
+            kernel_dtype,
         )
+        return rows.to(dtype)
 
     return rows_4bit
 

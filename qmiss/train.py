@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from transformers import (
@@ -37,7 +37,7 @@ from transformers import (
 )
 
 import qmiss
-from qmiss.config import mode_from_init_weights
+from qmiss.config import default_compute_dtype, mode_from_init_weights
 from qmiss.fsdp import update_fsdp_plugin
 from qmiss.io import atomic_write_json, load_adapter, save_adapter
 from qmiss.smollm import smollm2_path
@@ -206,21 +206,32 @@ def encode(tokenizer, query: str, response: str, data: DataArguments) -> dict[st
 # --- model ----------------------------------------------------------------------------------------------------
 
 
-def load_model(model_args: ModelArguments, on_cuda: bool):
-    """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model, and its tokenizer."""
+def device_map_for(device: torch.device) -> Union[str, dict[str, int]]:
+    """transformers' ``device_map`` that puts the whole model on ``device``: this process's own GPU under
+    torchrun / accelerate (rank k on ``cuda:k`` of its node), or the CPU."""
+    return {"": device.index or 0} if device.type == "cuda" else "cpu"
+
+
+def load_model(model_args: ModelArguments, device: torch.device):
+    """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model, and its tokenizer.
+
+    Args:
+        model_args: the model flags.
+        device: where this process trains (``TrainingArguments.device``: ``cuda:LOCAL_RANK`` under a launcher).
+    """
     if model_args.bits not in BITS:
         raise ValueError(f"--bits {model_args.bits!r} is not one of {sorted(BITS)}")
     path = model_args.base_model_name_or_path or str(smollm2_path())
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"--base_model_name_or_path {path}: no such folder")
-    compute = torch.bfloat16 if on_cuda else torch.float32
+    compute = default_compute_dtype(device)  # the model's dtype and bitsandbytes' compute dtype
     bits = BITS[model_args.bits]
     kwargs: dict = {"dtype": compute if isinstance(bits, int) else bits}
     if isinstance(bits, int):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=model_args.quant_type,
             bnb_4bit_use_double_quant=model_args.double_quant, bnb_4bit_compute_dtype=compute)
-    kwargs["device_map"] = {"": 0} if on_cuda else "cpu"
+    kwargs["device_map"] = device_map_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -232,7 +243,7 @@ def load_model(model_args: ModelArguments, on_cuda: bool):
     model = qmiss.prepare_qmiss(
         model, r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mode=mode, mini_r=model_args.mini_r,
         target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
-        quant_type=model_args.quant_type, double_quant=model_args.double_quant, compute_dtype=compute)
+        quant_type=model_args.quant_type, double_quant=model_args.double_quant)
     model.qmiss_config.base_model_name_or_path = model_args.base_model_name_or_path or "SmolLM2-135M-Instruct"
     return model, tokenizer
 
@@ -387,10 +398,11 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     to ``<output_dir>/summary.json``."""
     model_args, data_args, train_args = parse_args(argv)
     demo = model_args.base_model_name_or_path is None and data_args.data_path is None
-    on_cuda = torch.cuda.is_available() and not train_args.use_cpu
+    device = train_args.device  # cuda:LOCAL_RANK under torchrun / accelerate, the CPU with --use_cpu
+    on_cuda = device.type == "cuda"
     torch.manual_seed(train_args.seed)
     start = time.time()
-    model, tokenizer = load_model(model_args, on_cuda)
+    model, tokenizer = load_model(model_args, device)
     trainable, total = qmiss.trainable_parameters(model)
 
     query, response = _fields(data_args)

@@ -55,7 +55,8 @@ def test_full_precision_model_is_quantized_and_wrapped(bits: int) -> None:
     assert all(layer.bits == bits for layer in layers.values())
     assert quant.quant_bits(model.lm_head) is None and not isinstance(model.lm_head, MissLinear)
     assert model.model.embed_tokens.weight.dtype == torch.float32
-    assert model.qmiss_config.bits == bits and model.qmiss_config.compute_dtype == torch.float32
+    assert model.qmiss_config.bits == bits and model.qmiss_config.compute_dtype is None  # follows the device
+    assert all(layer.compute_dtype == torch.float32 for layer in layers.values())  # the CPU's default
     if bits == 4:
         layer = layers["model.layers.0.mlp.down_proj"]
         assert quant.quant_type(layer.base_layer) == "nf4" and layer.base_layer.weight.quant_state.nested
@@ -70,10 +71,11 @@ def test_fp4_without_double_quant() -> None:
     assert quant.quant_type(base) == "fp4" and not base.weight.quant_state.nested
 
 
-def test_bf16_model_gets_fp32_norms_and_runs() -> None:
-    model = qmiss.prepare_qmiss(tiny_llama().to(torch.bfloat16), r=16, bits=4)
+def test_bf16_model_with_fp32_norms_runs() -> None:
+    model = qmiss.prepare_qmiss(tiny_llama().to(torch.bfloat16), r=16, bits=4, fp32_norms=True)
     assert model.model.norm.weight.dtype == torch.float32
     assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32
     out = model(torch.randint(0, 256, (2, 8)), labels=torch.randint(0, 256, (2, 8)))
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -245,7 +247,8 @@ def test_transformers_trainer_trains_only_the_adapters(tmp_path, tiny_dir: str, 
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_defaults_to_bf16_compute_and_trains(mode: str) -> None:
     model = qmiss.prepare_qmiss(tiny_llama().to("cuda", torch.bfloat16), r=16, bits=4, **mode_kwargs(mode))
-    assert model.qmiss_config.compute_dtype == torch.bfloat16
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    assert all(layer.compute_dtype == expected for _, layer in qmiss.miss_layers(model))
     ids = torch.randint(0, 256, (2, 16), device="cuda")
     model(ids, labels=ids).loss.backward()
     assert all(layer.miss_block.grad is not None for _, layer in qmiss.miss_layers(model))

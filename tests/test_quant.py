@@ -66,3 +66,36 @@ def test_prepare_for_adapter_stops_cpu_repacking() -> None:
         base(torch.randn(2, 128))
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
     torch.testing.assert_close(quant.dequantize(base), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dq", [True, False], ids=["nf4-dq", "nf4"])
+def test_4bit_row_ranges_are_bitsandbytes_own_values(dq: bool) -> None:
+    """Each range dequantizes only its absmax entries (in whole nested blocks of 256): bit-identical to bnb's whole."""
+    base = make_base(4, 192, 400, double_quant=dq)  # 3 absmax entries a row; nested blocks end mid-row
+    whole = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    rows = quant.row_dequantizer(base, torch.float32)
+    for a, b in [(0, 400), (0, 1), (85, 86), (85, 171), (170, 341), (399, 400)]:
+        torch.testing.assert_close(rows(a, b), whole[a:b], rtol=0, atol=0)
+
+
+def test_int8_rows_in_bf16_are_bitsandbytes_fp32_values_rounded_once() -> None:
+    base = make_base(8, 128, 300)
+    whole = bnb.functional.int8_vectorwise_dequant(base.weight.data, quant._int8_scales(base))
+    rows = quant.row_dequantizer(base, torch.bfloat16)
+    for a, b in [(0, 300), (7, 40), (299, 300)]:
+        torch.testing.assert_close(rows(a, b), whole[a:b].bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits,qtype,dq", QUANTS, ids=QIDS)
+def test_dequantize_to_float64_is_the_fp32_weight_widened(bits: int, qtype: str, dq: bool) -> None:
+    """bitsandbytes' CPU 4-bit kernel writes no fp64 (it returns unwritten memory): qmiss goes through fp32."""
+    base = make_base(bits, 128, 96, quant_type=qtype, double_quant=dq)
+    weight = quant.dequantize(base, torch.float64)
+    assert weight.dtype == torch.float64
+    torch.testing.assert_close(weight, quant.dequantize(base, torch.float32).double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8], ids=["plain", "4bit", "8bit"])
+def test_row_dequantizer_rejects_non_float_dtypes(bits: int | None) -> None:
+    with pytest.raises(TypeError, match=r"dtype=torch\.int32.*torch\.float32"):
+        quant.row_dequantizer(make_base(bits, 64, 64), torch.int32)

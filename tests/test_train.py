@@ -97,6 +97,28 @@ def test_missing_model_path(tmp_path, jsonl: str) -> None:
         train.run(args("./no/such/model", jsonl, tmp_path, "--max_steps", "1"))
 
 
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_each_rank_loads_its_model_on_its_own_gpu(monkeypatch, tiny_model_dir: str, rank: int) -> None:
+    """Under torchrun / accelerate on GPUs, rank k trains on cuda:k (TrainingArguments.device); its quantized model
+    must be loaded there, or accelerate refuses to train a 4/8-bit model placed on another device."""
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after recording the load arguments")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr("qmiss.train.default_compute_dtype", lambda device: torch.bfloat16)  # what CUDA gives
+    model_args = train.ModelArguments(base_model_name_or_path=tiny_model_dir)
+    with pytest.raises(RuntimeError, match="stop after"):
+        train.load_model(model_args, torch.device("cuda", rank))
+    assert seen["device_map"] == {"": rank}
+    assert seen["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16 and seen["dtype"] == torch.bfloat16
+    assert train.device_map_for(torch.device("cpu")) == "cpu"
+
+
 def test_help_lists_the_reference_flags(capsys) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])

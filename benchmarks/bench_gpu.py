@@ -1,0 +1,378 @@
+"""qmiss against PEFT MiSS and QLoRA on a whole Llama-2-7B-shaped 4-bit model, on one CUDA GPU.
+
+    python benchmarks/bench_gpu.py                      # 32 decoder layers (the 7B shape), 1×512, 5 timed rounds
+    python benchmarks/bench_gpu.py --layers 8 --rounds 3
+
+Nothing is downloaded. Each variant gets its own model, built from Llama-2-7B's config on the meta
+device and then materialised one part at a time on the GPU: random bf16 weights (std 0.02, norms 1)
+from one seeded generator, each decoder projection replaced by an nf4 double-quant bitsandbytes layer
+(``qmiss.quant.quantize_linear``) as soon as its layer exists, so no more than one decoder layer is
+ever in bf16; embeddings, norms and head stay bf16. Every variant thus adapts the same quantized
+weights (checked by a fingerprint of the packed bytes): qmiss default and bat, PEFT MiSS default and
+bat, PEFT LoRA r=64 (alpha 16, QLoRA's recipe), r=64 on every decoder projection. A step is one 1×512
+batch, forward + backward with transformers' (non-reentrant) gradient checkpointing, then bitsandbytes'
+PagedAdamW8bit. Steps are interleaved: one warm-up step per variant, then --rounds rounds of one step
+each, the first to go rotating, every step between two ``torch.cuda.synchronize()``. Time and memory
+are reported as ratios to PEFT LoRA's, and each qmiss variant's memory against ``qmiss.plan_memory``.
+
+Memory of a variant, with all five variants resident at once (what the table's notes repeat):
+- resident: ``torch.cuda.memory_allocated()`` growth while its model was built and adapted (packed
+  weights, quantization state, bf16 embeddings/norms/head, adapters) plus the bytes of its optimizer's
+  state tensors in the allocator (counted tensor by tensor, so kernel workspaces that the first steps
+  allocate once for the whole process are charged to no variant);
+- step peak: ``torch.cuda.max_memory_allocated()`` during its step, after ``reset_peak_memory_stats()``,
+  minus what was allocated just before the step (everything resident, all variants' included): the
+  most the step itself held, largest over the timed rounds;
+- paged: its optimizer states that bitsandbytes keeps in CUDA unified memory (tensors of 10⁵ values and
+  more), which the allocator's counters never see;
+- measured peak = resident + step peak + paged: what the variant alone would need, comparable to
+  ``plan_memory``'s peak (which counts paged states as on the GPU).
+
+Without a CUDA GPU it prints one line saying so and exits 0, measuring nothing.
+Writes results/bench_gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (  # noqa: E402
+    LINEAR_NAMES,
+    MB,
+    Report,
+    llama2_7b_config,
+    peft_lora_variant,
+    peft_miss_variant,
+)
+from qmiss import quant  # noqa: E402
+
+GiB = 2**30
+BATCH, SEQ, R, LR = 1, 512, 64, 1e-4
+REFERENCE = "PEFT LoRA r=64"
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
+def _materialise(module: nn.Module, device: torch.device, generator: torch.Generator, std: float,
+                 done: dict[int, nn.Parameter]) -> None:
+    """Give every parameter of ``module`` still on the meta device storage on ``device`` and a value:
+    norm weights 1, everything else N(0, std²). ``done`` maps replaced meta parameters to their new ones,
+    so a parameter shared by two modules (tied embeddings) stays one parameter."""
+    for sub in module.modules():
+        is_norm = "norm" in type(sub).__name__.lower()
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if id(param) in done:
+                sub.register_parameter(name, done[id(param)])
+                continue
+            if param.device.type != "meta":
+                continue
+            data = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if is_norm:
+                data.fill_(1.0)
+            else:
+                data.normal_(0.0, std, generator=generator)
+            done[id(param)] = nn.Parameter(data, requires_grad=False)
+            sub.register_parameter(name, done[id(param)])
+
+
+def _quantize_projections(layer: nn.Module) -> None:
+    """Replace the decoder layer's projections by 4-bit nf4 double-quant layers, quantized where they are."""
+    for name, module in list(layer.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in LINEAR_NAMES and type(module) is nn.Linear:
+            packed = quant.quantize_linear(module, 4, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+            setattr(layer.get_submodule(parent), child, packed)
+
+
+def build_quantized_model(config, device: torch.device | str, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """A causal LM of ``config``'s shapes with random weights and 4-bit decoder projections, frozen.
+
+    The model is laid out on the meta device (accelerate's ``init_empty_weights``: shapes, no storage),
+    then materialised in model order on ``device``: the input embeddings, each decoder layer (whose
+    projections are quantized at once, so only one layer's bf16 weights ever exist), the final norm and
+    the head. The same ``seed`` on the same device gives the same weights.
+
+    Args:
+        config: a transformers Llama-family config (``model.model.layers``, ``model.model.norm``).
+        device: where to build it.
+        seed: seed of the one generator every weight is drawn from.
+        std: standard deviation of the weights (norm weights are 1).
+
+    Returns:
+        The model in bf16 (packed weights uint8), every parameter frozen.
+
+    Raises:
+        RuntimeError: if a parameter or buffer is left on the meta device.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) are real, on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    done: dict[int, nn.Parameter] = {}
+    _materialise(model.get_input_embeddings(), device, generator, std, done)
+    for layer in model.model.layers:
+        _materialise(layer, device, generator, std, done)
+        _quantize_projections(layer)
+    _materialise(model.model.norm, device, generator, std, done)
+    _materialise(model.get_output_embeddings(), device, generator, std, done)
+    for module in model.modules():  # the rotary embedding's frequencies, built on the CPU
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.device.type != device.type and not buffer.is_meta:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, buffer.to(device), persistent=persistent)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"still on the meta device after building: {', '.join(left[:5])}")
+    return model.requires_grad_(False)
+
+
+def fingerprint(model: nn.Module) -> int:
+    """A checksum of every packed 4-bit weight and float parameter: equal for equally built models."""
+    total = torch.zeros((), dtype=torch.int64, device=next(model.parameters()).device)
+    for param in model.parameters():
+        if not param.requires_grad:
+            total += param.detach().view(torch.uint8).sum(dtype=torch.int64)
+    return int(total.item())
+
+
+# --- the variants -----------------------------------------------------------------------------------------------
+
+
+def _qmiss(mode: str) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        import qmiss
+
+        return qmiss.prepare_qmiss(model, r=R, mode=mode, target_modules=LINEAR_NAMES, compute_dtype=torch.bfloat16,
+                                   gradient_checkpointing=True)
+
+    return build
+
+
+def _peft(inject: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        from qmiss.model import enable_checkpointing
+
+        model = inject(model)
+        enable_checkpointing(model)  # the transformers call prepare_qmiss(gradient_checkpointing=True) makes
+        model.enable_input_require_grads()  # as prepare_qmiss (and QLoRA's k-bit preparation) does
+        return model
+
+    return build
+
+
+VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "qmiss default": _qmiss("default"),
+    "qmiss bat": _qmiss("bat"),
+    "PEFT MiSS default": _peft(peft_miss_variant("default", r=R)),
+    "PEFT MiSS bat": _peft(peft_miss_variant("bat", r=R)),
+    REFERENCE: _peft(peft_lora_variant(r=R, alpha=16)),
+}
+
+
+@dataclass
+class Run:
+    """One variant's model, optimizer and measurements."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: int
+    build_bytes: int  # allocator growth while the model was built and adapted
+    fingerprint: int
+    times: list[float] = field(default_factory=list)
+    step_peaks: list[int] = field(default_factory=list)  # allocator peak of a step above what was allocated before it
+    losses: list[float] = field(default_factory=list)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(allocator, paged) bytes of the optimizer's state tensors."""
+        allocator = paged = 0
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                    size = value.numel() * value.element_size()
+                    if getattr(value, "is_paged", False):
+                        paged += size
+                    else:
+                        allocator += size
+        return allocator, paged
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def build_run(name: str, config, device: torch.device) -> Run:
+    """Build the quantized model, adapt it as ``name`` and give it a paged 8-bit AdamW, measuring the growth."""
+    import bitsandbytes as bnb
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = build_quantized_model(config, device)
+    mark = fingerprint(model)
+    model = VARIANTS[name](model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=LR)
+    gc.collect()
+    torch.cuda.synchronize()
+    return Run(name, model, optimizer, sum(p.numel() for p in params), torch.cuda.memory_allocated() - before, mark)
+
+
+def measured_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
+    """One step of ``run`` between two synchronizations, recording its time and its allocator peak."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    loss = run.step(batch)
+    torch.cuda.synchronize()
+    run.times.append(time.perf_counter() - start)
+    run.step_peaks.append(torch.cuda.max_memory_allocated() - before)
+    run.losses.append(loss.item())
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    props = torch.cuda.get_device_properties(0)
+    return (f"GPU {props.name} ({props.total_memory / GiB:.0f} GiB), torch {torch.__version__} (CUDA "
+            f"{torch.version.cuda}), bitsandbytes {bitsandbytes.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def time_table(runs: list[Run], ref: Run, rounds: int) -> str:
+    lines = [f"**Step time** (median of {rounds} interleaved rounds, {BATCH}×{SEQ} tokens)", "",
+             f"| variant | trainable | step s | × {REFERENCE} | tokens/s |", "|---|---:|---:|---:|---:|"]
+    for run in runs:
+        lines.append(f"| {run.name} | {run.trainable:,d} | {run.median_s:.3f} | {run.median_s / ref.median_s:.2f} | "
+                     f"{BATCH * SEQ / run.median_s:,.0f} |")
+    return "\n".join(lines)
+
+
+def memory_table(runs: list[Run], ref: Run, plans: dict[str, object]) -> str:
+    def total(run: Run) -> int:
+        allocator, paged = run.state_bytes()
+        return run.build_bytes + allocator + max(run.step_peaks) + paged
+
+    lines = ["**Memory** (GiB unless marked; see the notes below for what each column counts)", "",
+             f"| variant | resident | step peak | paged optimizer MiB | measured peak | × {REFERENCE} | "
+             "planned (plan_memory) | measured ÷ planned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        allocator, paged = run.state_bytes()
+        plan = plans.get(run.name)
+        planned = f"{plan.peak_bytes / GiB:.2f}" if plan else "—"
+        ratio = f"{total(run) / plan.peak_bytes:.2f}" if plan else "—"
+        lines.append(f"| {run.name} | {(run.build_bytes + allocator) / GiB:.2f} | {max(run.step_peaks) / GiB:.2f} | "
+                     f"{paged / MB:.0f} | {total(run) / GiB:.2f} | {total(run) / total(ref):.2f} | {planned} | "
+                     f"{ratio} |")
+    return "\n".join(lines)
+
+
+NOTES = """Notes on the memory columns (all five variants are resident at once; each figure is one variant's own):
+
+- **resident**: `torch.cuda.memory_allocated()` growth while the variant's model was built and adapted (packed
+  4-bit weights and quantization state, bf16 embeddings/norms/head, adapters; qmiss's as `prepare_qmiss` leaves
+  them), plus its optimizer's state tensors in the allocator, counted tensor by tensor.
+- **step peak**: `torch.cuda.max_memory_allocated()` during one of its steps (after
+  `torch.cuda.reset_peak_memory_stats()`) minus what was allocated just before that step: activations,
+  checkpointed layer inputs, gradients, dequantized weights, the optimizer's temporaries. Largest over the
+  timed rounds.
+- **paged optimizer**: optimizer states bitsandbytes keeps in CUDA unified memory (`cudaMallocManaged`, tensors
+  of 10⁵ values and more), outside the allocator's counters; on the GPU unless memory runs short.
+- **measured peak** = resident + step peak + paged: what the variant would need alone, comparable to
+  `qmiss.plan_memory(config, bits=4, r=64, mode=..., batch_size=1, seq_len=512, gradient_checkpointing=True,
+  optimizer="paged_adamw_8bit", compute_dtype=torch.bfloat16)`, which counts the same parts (paged states as on
+  the GPU) and plans for qmiss only. Not counted anywhere: the CUDA context and kernel workspaces allocated once
+  per process (the planner's card check adds an allowance for them).
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B shape (Llama-2-7B has 32)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up step per variant")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_gpu.md"))
+    args = parser.parse_args()
+    if args.layers < 1 or args.rounds < 1:
+        parser.error("--layers and --rounds must be at least 1")
+    if not torch.cuda.is_available():
+        print(f"bench_gpu: no CUDA GPU visible to torch {torch.__version__}; nothing was measured")
+        return 0
+
+    import qmiss
+
+    device = torch.device("cuda")
+    config = llama2_7b_config(num_hidden_layers=args.layers)
+    runs = []
+    for name in VARIANTS:
+        print(f"bench_gpu: building {name} ({args.layers} layers)", flush=True)
+        runs.append(build_run(name, config, device))
+    if len({run.fingerprint for run in runs}) != 1:
+        raise RuntimeError(f"the variants' base weights differ: {[(r.name, r.fingerprint) for r in runs]}")
+    batch_ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": batch_ids.to(device), "labels": batch_ids.to(device)}
+
+    for run in runs:  # warm-up: kernels load, the optimizers create their state
+        run.step(batch)
+    for i in range(args.rounds):
+        first = i % len(runs)
+        for run in runs[first:] + runs[:first]:
+            measured_step(run, batch)
+    bad = [run.name for run in runs if not all(math.isfinite(loss) for loss in run.losses)]
+    if bad:
+        raise RuntimeError(f"non-finite loss in {', '.join(bad)}: {[(r.name, r.losses) for r in runs]}")
+
+    plans = {name: qmiss.plan_memory(llama2_7b_config(num_hidden_layers=args.layers), bits=4, r=R, mode=mode,
+                                     batch_size=BATCH, seq_len=SEQ, gradient_checkpointing=True,
+                                     optimizer="paged_adamw_8bit", compute_dtype=torch.bfloat16)
+             for name, mode in (("qmiss default", "default"), ("qmiss bat", "bat"))}
+    ref = next(run for run in runs if run.name == REFERENCE)
+    report = Report(args.out)
+    report.add(f"# bench_gpu: `python {' '.join(sys.argv)}`\n")
+    report.add(f"{machine_line()}\n")
+    report.add(f"Llama-2-7B shape with {args.layers} decoder layers (hidden 4096, intermediate 11008, vocab 32000), "
+               f"random bf16 weights, decoder projections nf4 + double quant; r={R} on {', '.join(LINEAR_NAMES)} "
+               f"(LoRA alpha 16); {BATCH}×{SEQ} tokens, gradient checkpointing, bitsandbytes PagedAdamW8bit "
+               f"(lr {LR}); bf16 compute. One warm-up step per variant, then {args.rounds} rounds of one step each, "
+               f"interleaved, the first variant rotating. Last losses: "
+               + ", ".join(f"{r.name} {r.losses[-1]:.3f}" for r in runs) + ".\n")
+    report.add(time_table(runs, ref, args.rounds) + "\n")
+    report.add(memory_table(runs, ref, plans) + "\n")
+    report.add(NOTES)
+    report.add(f"Process-wide at the end: {torch.cuda.memory_allocated() / GiB:.2f} GiB allocated, "
+               f"{torch.cuda.max_memory_reserved() / GiB:.2f} GiB reserved at most by the caching allocator.\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
