@@ -72,6 +72,60 @@ def check_compute_dtype(dtype: Optional[torch.dtype], bits: Optional[int], where
                          "use one of those, or None for the default (bf16 on CUDA, fp32 on the CPU)")
 
 
+#: the fields of ``qmiss_config.json`` (:meth:`QMissConfig.to_qmiss_dict`), each one required there.
+QMISS_FIELDS: tuple[str, ...] = ("version", "mode", "bits", "quant_type", "double_quant", "compute_dtype", "modules")
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_size(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
+
+
+def _check_qmiss_section(extra: dict, where: str, mode: str, peft_mode_source: str, required: bool) -> None:
+    """Type- and range-check qmiss's settings (``qmiss_config.json``, or an older inline ``"qmiss"`` section).
+
+    Args:
+        extra: the settings.
+        where: the error prefix, naming the file (and section).
+        mode: the mode PEFT's ``init_weights`` means; a recorded ``mode`` must agree.
+        peft_mode_source: what ``mode`` was read from, for the error.
+        required: every field of :data:`QMISS_FIELDS` must be there (``qmiss_config.json``), ``modules``
+            not null; else absent fields take their defaults (the older inline section).
+
+    Raises:
+        ValueError: naming the field, the value and the fix.
+    """
+    missing = [f for f in QMISS_FIELDS if f not in extra] if required else []
+    if missing:
+        raise ValueError(f"{where}missing field(s) {missing}; qmiss writes all of {list(QMISS_FIELDS)} — save the "
+                         "adapter again with qmiss.save_adapter, or delete the file to load the folder as a PEFT "
+                         "adapter (4-bit nf4 defaults)")
+    if "version" in extra and not isinstance(extra["version"], str):
+        raise ValueError(f"{where}version={extra['version']!r} must be a string such as '0.1.0'")
+    if "mode" in extra:
+        if not isinstance(extra["mode"], str) or extra["mode"] not in MODES:
+            raise ValueError(f"{where}mode={extra['mode']!r} must be one of {MODES}")
+        if extra["mode"] != mode:
+            raise ValueError(f"{where}mode={extra['mode']!r} contradicts {peft_mode_source} (mode {mode!r}): "
+                             "the settings come from different saves (e.g. PEFT saved over a qmiss adapter) — save "
+                             "the adapter again with qmiss.save_adapter")
+    bits = extra.get("bits", 4)
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8, 16)):
+        raise ValueError(f"{where}bits={bits!r} must be 4, 8 or null (an unquantized base)")
+    quant_type = extra.get("quant_type", "nf4")
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
+        raise ValueError(f"{where}quant_type={quant_type!r} must be one of {QUANT_TYPES}")
+    if not isinstance(extra.get("double_quant", True), bool):
+        raise ValueError(f"{where}double_quant={extra['double_quant']!r} must be true or false")
+    dtype_name = extra.get("compute_dtype")
+    if dtype_name is not None and (not isinstance(dtype_name, str) or dtype_name not in _DTYPE_NAMES):
+        raise ValueError(f"{where}compute_dtype={dtype_name!r} must be float32, bfloat16, float16 or null")
+    modules = extra.get("modules")
+    if (modules is not None or required) and not (isinstance(modules, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(_is_size(n) for n in v) for v in modules.values())):
+        raise ValueError(f"{where}modules must map module names to [in_features, out_features] (positive ints)")
+
+
 def init_weights_from_mode(mode: str) -> Union[bool, str]:
     """PEFT's ``init_weights`` value for a qmiss mode (``"default"`` -> ``True``)."""
     return _MODE_TO_INIT_WEIGHTS[mode]
@@ -135,16 +189,14 @@ class QMissConfig:
         return init_weights_from_mode(self.mode)
 
     def to_peft_dict(self, target_modules: list[str]) -> dict:
-        """The ``adapter_config.json`` payload: PEFT's ``MissConfig`` fields plus a ``qmiss`` section.
+        """The ``adapter_config.json`` payload: PEFT's ``MissConfig`` fields and nothing else.
 
-        PEFT ignores keys it does not know (with a warning), so the quantization
-        settings qmiss needs to rebuild the model travel in the same file.
+        PEFT warns about any key it does not know, so qmiss's own settings go to
+        ``qmiss_config.json`` (:meth:`to_qmiss_dict`).
 
         Args:
             target_modules: the module names to record (PEFT matches them exactly or by suffix).
         """
-        from qmiss import __version__
-
         return {
             "peft_type": "MISS",
             "task_type": "CAUSAL_LM",
@@ -160,22 +212,42 @@ class QMissConfig:
             "bias": "none",
             "modules_to_save": None,
             "inference_mode": True,
-            "qmiss": {
-                "version": __version__,
-                "mode": self.mode,
-                "bits": self.bits,
-                "quant_type": self.quant_type,
-                "double_quant": self.double_quant,
-                "compute_dtype": str(self.compute_dtype).removeprefix("torch.") if self.compute_dtype else None,
-            },
+        }
+
+    def to_qmiss_dict(self, modules: dict[str, tuple[int, int]]) -> dict:
+        """The ``qmiss_config.json`` payload: what qmiss needs beyond PEFT's fields to rebuild the model.
+
+        Args:
+            modules: each adapted module's path and its base's (in_features, out_features).
+        """
+        from qmiss import __version__
+
+        return {
+            "version": __version__,
+            "mode": self.mode,
+            "bits": self.bits,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch.") if self.compute_dtype else None,
+            "modules": {name: [int(n_in), int(n_out)] for name, (n_in, n_out) in sorted(modules.items())},
         }
 
     @classmethod
-    def from_peft_dict(cls, payload: dict, source: str = "adapter_config.json") -> "QMissConfig":
-        """Read PEFT's MiSS (``"peft_type": "MISS"``) or Bone (``"BONE"``) config, and qmiss's section if present.
+    def from_peft_dict(cls, payload: dict, source: str = "adapter_config.json", qmiss_section: object = None,
+                       qmiss_source: Optional[str] = None) -> "QMissConfig":
+        """Read PEFT's MiSS (``"peft_type": "MISS"``) or Bone (``"BONE"``) config, and qmiss's settings if present.
+
+        Args:
+            payload: the ``adapter_config.json`` object.
+            source: its name in errors.
+            qmiss_section: the ``qmiss_config.json`` object (see :meth:`to_qmiss_dict`); every field is required.
+            qmiss_source: the file ``qmiss_section`` was read from. None: there is no such file, and the
+                ``"qmiss"`` section older qmiss versions wrote inside ``payload`` is read if present (missing
+                fields take their defaults); a PEFT adapter has neither and gets 4-bit nf4 defaults.
 
         Raises:
-            ValueError: a wrong peft_type, or a field of the wrong type or out of range, naming the field.
+            ValueError: a wrong peft_type, a field of the wrong type or out of range, a missing qmiss field, or
+                a qmiss mode contradicting ``init_weights``, naming the file and the field.
         """
         if not isinstance(payload, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(payload).__name__}")
@@ -185,13 +257,21 @@ class QMissConfig:
         r = payload.get("r")
         if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 2**16:
             raise ValueError(f"{source}: r={r!r} must be an int in 1..65536")
-        extra = payload.get("qmiss") or {}
-        if not isinstance(extra, dict):
-            raise ValueError(f"{source}: 'qmiss' must be an object, got {type(extra).__name__}")
+        if qmiss_source is None:
+            extra, where = payload.get("qmiss"), f"{source}: qmiss."
+            extra = {} if extra is None else extra
+            if not isinstance(extra, dict):
+                raise ValueError(f"{source}: 'qmiss' must be an object, got {type(extra).__name__}")
+        else:
+            extra, where = qmiss_section, f"{qmiss_source}: "
+            if not isinstance(extra, dict):
+                raise ValueError(f"{qmiss_source}: expected a JSON object, got {type(extra).__name__}")
         init_weights = payload.get("init_weights", True)
         if not isinstance(init_weights, (bool, str)):
             raise ValueError(f"{source}: init_weights={init_weights!r} must be true, 'mini' or 'bat'")
         mode = mode_from_init_weights(init_weights)
+        _check_qmiss_section(extra, where, mode, f"{source}'s init_weights={init_weights!r}",
+                             required=qmiss_source is not None)
         mini_r = payload.get("mini_r")
         if mini_r is not None and (isinstance(mini_r, bool) or not isinstance(mini_r, int) or mini_r <= 0):
             raise ValueError(f"{source}: mini_r={mini_r!r} must be a positive int")
@@ -203,17 +283,8 @@ class QMissConfig:
         targets = payload.get("target_modules") or "all-linear"
         if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise ValueError(f"{source}: target_modules={targets!r} must be a string or a list of strings")
-        modules = extra.get("modules")
-        if modules is not None and not (isinstance(modules, dict) and all(
-                isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                                                            for n in v) for v in modules.values())):
-            raise ValueError(f"{source}: qmiss.modules must map module names to [in_features, out_features]")
         dtype_name = extra.get("compute_dtype")
-        compute_dtype = None
-        if dtype_name is not None:
-            compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
-            if compute_dtype is None:
-                raise ValueError(f"{source}: qmiss.compute_dtype={dtype_name!r} must be float32, bfloat16 or float16")
+        compute_dtype = _DTYPE_NAMES[dtype_name] if dtype_name is not None else None
         base = payload.get("base_model_name_or_path")
         try:
             return cls(
@@ -222,7 +293,7 @@ class QMissConfig:
                 mini_r=mini_r,
                 bits=extra.get("bits", 4),
                 quant_type=extra.get("quant_type", "nf4"),
-                double_quant=bool(extra.get("double_quant", True)),
+                double_quant=extra.get("double_quant", True),
                 target_modules=targets,
                 dropout=float(dropout),
                 compute_dtype=compute_dtype,

@@ -1,15 +1,18 @@
 """Adapters on disk: PEFT's MiSS format, exact 16-bit merges, and lossless LoRA export.
 
-Files (PEFT's, so each side loads the other's):
+Files (the first two are PEFT's, so each side loads the other's):
 
 - ``adapter_config.json``: PEFT ``MissConfig`` fields (``"peft_type": "MISS"``, ``r``, ``mini_r``,
-  ``init_weights``, ``target_modules`` …) plus a ``qmiss`` section PEFT ignores (bits, quant type,
-  compute dtype, each module's (in, out)).
+  ``init_weights``, ``target_modules`` …), nothing else, so PEFT loads it without warnings.
 - ``adapter_model.safetensors``: ``base_model.model.<module path>.miss_block``.
+- ``qmiss_config.json``: qmiss's own settings, which PEFT never reads (version, mode, bits, quant
+  type, double quant, compute dtype, each module's base (in, out)); see ``QMissConfig.to_qmiss_dict``.
 
 Reading takes PEFT's MiSS adapters and the older Bone format (``"BONE"``, ``.bone_block``), and
-reads only JSON and safetensors, never pickle. Everything is checked before the model changes.
-Every file is written to a temporary name in its folder and renamed into place.
+qmiss adapters from before ``qmiss_config.json``, whose settings sat in a ``"qmiss"`` section of
+``adapter_config.json``. It reads only JSON and safetensors, never pickle. Everything is checked
+before the model changes. Every file is written to a temporary name in its folder and renamed into
+place, ``adapter_config.json`` last.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from qmiss.model import miss_layers, prepare_qmiss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+QMISS_CONFIG_NAME = "qmiss_config.json"
 PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
 
@@ -86,7 +90,11 @@ def _fsdp1_full_params(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def save_adapter(model: nn.Module, directory: PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write the model's adapters in PEFT's MiSS format: weights first, then the config, each atomically.
+    """Write the model's adapters in PEFT's MiSS format plus ``qmiss_config.json``, each file atomically.
+
+    The weights go first, then ``qmiss_config.json``, then ``adapter_config.json``: the config that
+    makes the folder an adapter is written last, so an interrupted save never leaves one that points
+    at files not yet written.
 
     Under FSDP (FSDP2's ``fully_shard`` or FSDP1's ``FullyShardedDataParallel``) every rank
     must call it: the adapter shards are gathered and rank 0 writes.
@@ -116,17 +124,29 @@ def save_adapter(model: nn.Module, directory: PathLike, state_dict: Optional[dic
     if state_dict is None and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return directory  # every rank took part in gathering the shards; rank 0 writes
     payload = config.to_peft_dict(list(layers))
-    payload["qmiss"]["modules"] = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}
+    settings = config.to_qmiss_dict({name: (layer.in_features, layer.out_features) for name, layer in layers.items()})
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_json(directory / CONFIG_NAME, payload)
+    atomic_write_json(directory / QMISS_CONFIG_NAME, settings)
+    atomic_write_json(directory / CONFIG_NAME, payload)  # last: see the docstring
     return directory
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def read_adapter(directory: PathLike) -> tuple[QMissConfig, dict[str, torch.Tensor], dict]:
     """Read and check an adapter folder (qmiss, PEFT MiSS or Bone) without touching any model.
 
+    qmiss's settings come from ``qmiss_config.json`` where the folder has one, else from the
+    ``"qmiss"`` section of an older qmiss ``adapter_config.json``; a PEFT adapter has neither.
+
     Returns:
-        (config, ``{module path: tensor}``, the raw JSON payload).
+        (config, ``{module path: tensor}``, the ``adapter_config.json`` payload with qmiss's settings,
+        wherever they were stored, under ``"qmiss"``).
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -138,11 +158,14 @@ def read_adapter(directory: PathLike) -> tuple[QMissConfig, dict[str, torch.Tens
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        payload = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
-    config = QMissConfig.from_peft_dict(payload, str(config_path))
+    payload = _read_json(config_path)
+    qmiss_path = directory / QMISS_CONFIG_NAME
+    if qmiss_path.exists():
+        section = _read_json(qmiss_path)
+        config = QMissConfig.from_peft_dict(payload, str(config_path), section, str(qmiss_path))
+        payload = {**payload, "qmiss": section}
+    else:
+        config = QMissConfig.from_peft_dict(payload, str(config_path))
     suffix = ".bone_block" if payload["peft_type"] == "BONE" else ".miss_block"
     tensors = {}
     try:
@@ -490,6 +513,10 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
         recorded = (payload.get("qmiss") or {}).get("modules")
         if not recorded:
             raise ValueError(f"{source}: records no module shapes (not saved by qmiss); pass the prepared model")
+        unrecorded = sorted(set(blocks) - set(recorded))
+        if unrecorded:
+            raise ValueError(f"{source}: the recorded module shapes give no (in, out) for {unrecorded} (they come "
+                             "from another save than the adapter); pass the prepared model instead")
         shapes = {n: tuple(recorded[n]) for n in blocks}
     if config.mode == "bat":
         raise ValueError("mode='bat' is not a low-rank update and has no exact LoRA form; "

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
+import logging
+import warnings
+from typing import Iterator
 
 import pytest
 import torch
@@ -39,7 +44,8 @@ def test_round_trip_is_bitwise(tmp_path, fp32_tiny, mode: str, bits: int) -> Non
     model = prepared(fp32_tiny, bits, mode)
     randomize_adapters(model)
     qmiss.save_adapter(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "qmiss_config.json"]
     fresh = qmiss.load_adapter(prepared(fp32_tiny, bits, mode), tmp_path)
     assert torch.equal(logits(fresh), logits(model))
     assert not any(layer.miss_block.requires_grad for _, layer in qmiss.miss_layers(fresh))
@@ -50,14 +56,55 @@ def test_round_trip_is_bitwise(tmp_path, fp32_tiny, mode: str, bits: int) -> Non
 
 
 def test_saved_files_are_peft_miss_format(tmp_path, fp32_tiny) -> None:
+    from peft import MissConfig
+
     model = prepared(fp32_tiny, 4, "mini")
     qmiss.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "MISS" and config["init_weights"] == "mini" and config["r"] == 16
-    assert config["mini_r"] == 16 and config["qmiss"]["bits"] == 4 and config["qmiss"]["quant_type"] == "nf4"
+    assert config["mini_r"] == 16
+    assert set(config) <= {f.name for f in dataclasses.fields(MissConfig)}  # nothing PEFT does not know
+    settings = json.loads((tmp_path / "qmiss_config.json").read_text())
+    assert settings == {"version": qmiss.__version__, "mode": "mini", "bits": 4, "quant_type": "nf4",
+                        "double_quant": True, "compute_dtype": None, "modules": {
+                            name: [layer.in_features, layer.out_features] for name, layer in qmiss.miss_layers(model)}}
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.mlp.down_proj.miss_block" in tensors
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.miss_block"].shape == (16, 16)
+
+
+@contextlib.contextmanager
+def caught_warnings() -> Iterator[list[str]]:
+    """Every warning raised inside, through ``warnings`` or the peft / transformers loggers (which do not propagate)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, loggers = Collect(logging.WARNING), [logging.getLogger(n) for n in ("peft", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def test_peft_loads_ours_without_unexpected_keyword_warnings(tmp_path, tiny_dir) -> None:
+    """qmiss's own settings live in qmiss_config.json, so PEFT's MissConfig sees only fields it knows."""
+    from peft import PeftModel
+
+    ours = qmiss.prepare_qmiss(load(tiny_dir, 4), r=16, mode="mini", mini_r=16)
+    qmiss.save_adapter(ours, tmp_path)
+    base = load(tiny_dir, 4)
+    with caught_warnings() as messages:
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not [m for m in messages if "Unexpected keyword arguments" in m], messages
 
 
 def disable_cpu_repack(model) -> None:
@@ -232,9 +279,9 @@ def test_base_of_another_shape(saved) -> None:
 
 
 def test_other_in_features_is_caught_by_recorded_shapes(saved, fp32_tiny) -> None:
-    config = json.loads((saved / "adapter_config.json").read_text())
-    config["qmiss"]["modules"]["model.layers.0.mlp.down_proj"] = [999, 64]
-    (saved / "adapter_config.json").write_text(json.dumps(config))
+    settings = json.loads((saved / "qmiss_config.json").read_text())
+    settings["modules"]["model.layers.0.mlp.down_proj"] = [999, 64]
+    (saved / "qmiss_config.json").write_text(json.dumps(settings))
     assert_rejected(prepared(fp32_tiny, 4, "default"), saved, r"down_proj was trained on a base of \(in, out\)=\(999, 64\)")
 
 
@@ -259,6 +306,9 @@ def test_config_contradicting_its_tensors(saved, fp32_tiny) -> None:
     config = json.loads((saved / "adapter_config.json").read_text())
     config["init_weights"] = "bat"
     (saved / "adapter_config.json").write_text(json.dumps(config))
+    settings = json.loads((saved / "qmiss_config.json").read_text())
+    settings["mode"] = "bat"
+    (saved / "qmiss_config.json").write_text(json.dumps(settings))
     assert_rejected(prepared(fp32_tiny, 4, "bat"), saved, r"adapter has shape \(16, 64\), the model's layer needs "
                                                          r"\(4, 16, 16\)")
 
@@ -284,6 +334,100 @@ def test_corrupt_weights_file(saved, fp32_tiny, damage, match: str) -> None:
 def test_bad_config(saved, fp32_tiny, text: str, match: str) -> None:
     (saved / "adapter_config.json").write_text(text)
     assert_rejected(prepared(fp32_tiny, 4, "default"), saved, match)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: "{not json", "qmiss_config.json: not valid JSON"),
+    (lambda s: [1, 2], "qmiss_config.json: expected a JSON object, got list"),
+    (lambda s: None, "qmiss_config.json: expected a JSON object, got NoneType"),
+    (lambda s: {k: v for k, v in s.items() if k != "bits"}, r"qmiss_config.json: missing field\(s\) \['bits'\]"),
+    (lambda s: {**s, "modules": None}, r"qmiss_config.json: modules must map module names"),
+    (lambda s: {**s, "bits": 3}, "qmiss_config.json: bits=3 must be 4, 8 or null"),
+    (lambda s: {**s, "bits": "4"}, "qmiss_config.json: bits='4' must be 4, 8 or null"),
+    (lambda s: {**s, "bits": 4.0}, "qmiss_config.json: bits=4.0 must be 4, 8 or null"),
+    (lambda s: {**s, "bits": float("nan")}, "qmiss_config.json: bits=nan must be 4, 8 or null"),
+    (lambda s: {**s, "quant_type": ["nf4"]}, r"qmiss_config.json: quant_type=\['nf4'\] must be one of"),
+    (lambda s: {**s, "double_quant": "false"}, "qmiss_config.json: double_quant='false' must be true or false"),
+    (lambda s: {**s, "compute_dtype": ["float32"]}, r"qmiss_config.json: compute_dtype=\['float32'\] must be"),
+    (lambda s: {**s, "compute_dtype": "float64"}, "qmiss_config.json: compute_dtype='float64' must be"),
+    (lambda s: {**s, "mode": "bat"}, "qmiss_config.json: mode='bat' contradicts .*adapter_config.json's "
+                                     "init_weights=True"),
+    (lambda s: {**s, "mode": 7}, "qmiss_config.json: mode=7 must be one of"),
+    (lambda s: {**s, "version": 1}, "qmiss_config.json: version=1 must be a string"),
+    (lambda s: {**s, "modules": {"x": [float("inf"), 64]}}, r"qmiss_config.json: modules must map module names"),
+    (lambda s: {**s, "modules": [[64, 64]]}, r"qmiss_config.json: modules must map module names"),
+], ids=["not-json", "list", "null", "missing-bits", "modules-null", "bits-3", "bits-string", "bits-float", "bits-nan",
+        "quant-list", "double-quant-string", "dtype-list", "dtype-fp64", "mode-contradicts", "mode-int",
+        "version-int", "modules-inf", "modules-list"])
+def test_bad_qmiss_config(saved, fp32_tiny, change, match: str) -> None:
+    settings = change(json.loads((saved / "qmiss_config.json").read_text()))
+    (saved / "qmiss_config.json").write_text(settings if isinstance(settings, str) else json.dumps(settings))
+    assert_rejected(prepared(fp32_tiny, 4, "default"), saved, match)
+
+
+def old_format(folder, model, into) -> None:
+    """``folder``'s adapter as qmiss wrote it before qmiss_config.json: its settings inside adapter_config.json."""
+    into.mkdir()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    settings = model.qmiss_config
+    config["qmiss"] = {
+        "version": "0.1.0", "mode": settings.mode, "bits": settings.bits, "quant_type": settings.quant_type,
+        "double_quant": settings.double_quant, "compute_dtype": "float32",
+        "modules": {name: [layer.in_features, layer.out_features] for name, layer in qmiss.miss_layers(model)},
+    }
+    (into / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (into / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_old_format_with_an_inline_qmiss_section_still_loads(tmp_path, fp32_tiny, mode: str) -> None:
+    model = qmiss.prepare_qmiss(copy.deepcopy(fp32_tiny), r=16, bits=8, quant_type="fp4", double_quant=False,
+                                **mode_kwargs(mode))  # not the defaults, so reading them back shows
+    randomize_adapters(model)
+    qmiss.save_adapter(model, tmp_path / "new")
+    old_format(tmp_path / "new", model, tmp_path / "old")
+    config, tensors, payload = qmiss.read_adapter(tmp_path / "old")
+    new_config, new_tensors, new_payload = qmiss.read_adapter(tmp_path / "new")
+    assert (config.bits, config.quant_type, config.double_quant, config.compute_dtype) == (8, "fp4", False,
+                                                                                           torch.float32)
+    assert dataclasses.replace(config, compute_dtype=None) == new_config
+    assert payload["qmiss"]["modules"] == new_payload["qmiss"]["modules"]
+    assert tensors.keys() == new_tensors.keys() and all(torch.equal(tensors[n], new_tensors[n]) for n in tensors)
+    again = qmiss.from_pretrained(copy.deepcopy(fp32_tiny), tmp_path / "old")
+    assert again.qmiss_config.bits == 8 and again.qmiss_config.mode == mode
+    assert torch.equal(logits(again), logits(model))
+    if mode != "bat":  # the module shapes are read from the inline section
+        qmiss.export_lora(tmp_path / "old", tmp_path / "lora-old")
+        qmiss.export_lora(tmp_path / "new", tmp_path / "lora-new")
+        old_lora, new_lora = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("lora-old", "lora-new"))
+        assert old_lora.keys() == new_lora.keys() and all(torch.equal(old_lora[k], new_lora[k]) for k in old_lora)
+
+
+def test_old_format_inline_section_keeps_its_checks(tmp_path, fp32_tiny) -> None:
+    model = prepared(fp32_tiny, 4, "default")
+    qmiss.save_adapter(model, tmp_path / "new")
+    old_format(tmp_path / "new", model, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    config["qmiss"]["compute_dtype"] = "float64"
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+    assert_rejected(model, tmp_path / "old", "adapter_config.json: qmiss.compute_dtype='float64' must be")
+
+
+def test_export_lora_names_modules_without_a_recorded_shape(saved, tmp_path) -> None:
+    settings = json.loads((saved / "qmiss_config.json").read_text())
+    del settings["modules"]["model.layers.1.self_attn.q_proj"]
+    (saved / "qmiss_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"give no \(in, out\) for \['model.layers.1.self_attn.q_proj'\]"):
+        qmiss.export_lora(saved, tmp_path / "lora")
+
+
+def test_save_writes_the_peft_config_last(tmp_path, fp32_tiny, monkeypatch) -> None:
+    """adapter_config.json is what makes a folder an adapter, so it never points at files not yet written."""
+    order = []
+    write = io._atomic_write
+    monkeypatch.setattr(io, "_atomic_write", lambda path, fn: (order.append(path.name), write(path, fn)))
+    qmiss.save_adapter(prepared(fp32_tiny, 4, "default"), tmp_path)
+    assert order == ["adapter_model.safetensors", "qmiss_config.json", "adapter_config.json"]
 
 
 @pytest.mark.parametrize("change,match", [

@@ -1,0 +1,79 @@
+"""examples/generate.py: the prompt an adapter is queried with is the one qmiss-train recorded for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from qmiss import train
+
+_SPEC = importlib.util.spec_from_file_location("generate", Path(__file__).parents[1] / "examples" / "generate.py")
+generate = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(generate)
+
+QUERY = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
+
+
+class ChatTokenizer:
+    """The one tokenizer method ``--chat_template`` uses, with a recognisable template."""
+
+    chat_template = "<user>{content}</user><assistant>"
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str:
+        assert not tokenize and add_generation_prompt
+        return self.chat_template.format(content=messages[0]["content"])
+
+
+def record(folder: Path, **data) -> Path:
+    """An adapter folder's ``qmiss_train_args.json``, as ``qmiss-train`` writes it (other sections trimmed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arguments = {"model": {"base_model_name_or_path": "some/model"}, "data": asdict(train.DataArguments(**data))}
+    (folder / "qmiss_train_args.json").write_text(json.dumps(arguments))
+    return folder
+
+
+@pytest.mark.parametrize("recorded,expected", [
+    ({"prompt_template": "Q: {query}\nA:"}, f"Q: {QUERY}\nA:"),
+    ({}, train.PROMPT.format(query=QUERY)),  # a --data_path run without --prompt_template
+    ({"prompt_template": train.DEMO_DEFAULTS["prompt_template"]}, f"{QUERY}\n"),  # the built-in demo
+    ({"chat_template": True}, f"<user>{QUERY}</user><assistant>"),
+], ids=["custom", "alpaca", "demo", "chat"])
+def test_prompt_is_the_recorded_one(tmp_path, recorded: dict, expected: str) -> None:
+    adapter = record(tmp_path / "adapter", **recorded)
+    assert generate.build_prompts(ChatTokenizer(), [QUERY, "2 + 2?"], adapter)[0] == expected
+
+
+def test_a_checkpoint_uses_its_runs_record(tmp_path) -> None:
+    """qmiss-train records its arguments in the output folder, not in each checkpoint-N inside it."""
+    checkpoint = record(tmp_path / "run", prompt_template="Q: {query}\nA:") / "checkpoint-20"
+    checkpoint.mkdir()
+    assert generate.build_prompts(None, [QUERY], checkpoint) == [f"Q: {QUERY}\nA:"]
+
+
+def test_flag_overrides_and_no_record_falls_back_to_alpaca(tmp_path) -> None:
+    adapter = record(tmp_path / "adapter", chat_template=True)
+    assert generate.build_prompts(None, [QUERY], adapter, prompt_template="<{query}>") == [f"<{QUERY}>"]
+    bare = tmp_path / "peft-adapter"
+    bare.mkdir()
+    assert generate.build_prompts(None, [QUERY], bare) == [train.PROMPT.format(query=QUERY)]
+    assert generate.build_prompts(ChatTokenizer(), [QUERY], bare, chat_template=True) == [
+        f"<user>{QUERY}</user><assistant>"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"),
+    ('{"data": {"prompt_template": 7}}', "data.prompt_template=7 must be a string"),
+    ('{"data": {"prompt_template": "no placeholder"}}', r"must contain \{query\}"),
+    ('{"data": {"prompt_template": "{query} {other}"}}', r"does not format with only \{query\}"),
+    ('{"data": {"chat_template": "yes"}}', "data.chat_template='yes' must be true or false"),
+    ('{"data": [1]}', "'data' must be an object"),
+], ids=["not-json", "template-int", "no-placeholder", "other-field", "chat-string", "data-list"])
+def test_a_malformed_record_names_the_file_and_the_fix(tmp_path, text: str, match: str) -> None:
+    (tmp_path / "qmiss_train_args.json").write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        generate.build_prompts(None, [QUERY], tmp_path)
+    assert "qmiss_train_args.json" in str(info.value) and "--prompt_template" in str(info.value)
