@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup.sh bench | tail -n 1)
 "$PY" benchmarks/bench_plan.py
 "$PY" benchmarks/bench_compare.py
+"$PY" benchmarks/bench_dtype_flow.py
 "$PY" benchmarks/bench_convergence.py
 "$PY" benchmarks/bench_export.py
 if [ "${1:-}" = "--bat" ]; then

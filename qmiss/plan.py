@@ -272,15 +272,16 @@ def plan_memory(
     q_width, kv_width = n_heads * head_dim, n_kv * head_dim
     norm_e = 4 if bits is not None and fp32_norms else e_base  # upcast norms compute and return fp32
     e_stream = norm_e  # an fp32 norm returns fp32: every layer after the first then gets an fp32 residual stream
+    e_act = max(e, e_stream)  # bitsandbytes returns its input's dtype, so an fp32 stream makes fp32 activations
     per_layer_targets = [n for n in targets if n.startswith(layers[0] + ".")] if layers else []
 
     # one decoder layer's saved activations (what autograd and bitsandbytes keep for backward)
     norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
-    attention = tokens * e * (2 * q_width + 2 * kv_width) + 4 * batch_size * n_heads * seq_len  # q, k, v, out, lse
-    mlp = tokens * e * 3 * inter  # gate, up, act(gate)
+    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * batch_size * n_heads * seq_len  # q, k, v, out, lse
+    mlp = tokens * e_act * 3 * inter  # gate, up, act(gate)
     extra = 0
     if mode == "bat" or bits == 8:  # inputs kept: the norms' outputs (shared by their projections) and down's input
-        extra = tokens * (2 * hidden * (4 if bits == 8 else e) + inter * e)
+        extra = tokens * (2 * hidden * (4 if bits == 8 else e_act) + inter * e_act)
         if mode == "bat" and bits is not None and e != norm_e:  # each projection casts the fp32 norm output itself
             extra += tokens * hidden * e * 3
     if mode != "bat":
@@ -290,7 +291,7 @@ def plan_memory(
 
     logits = tokens * vocab * 4  # the head runs in fp32 on the fp32 final norm; loss in fp32
     grads = 4 * trainable
-    embed_out = tokens * hidden * e_base
+    embed_out = tokens * hidden * (e_stream if tied else e_base)  # a tied, upcast head upcasts the embeddings too
 
     if gradient_checkpointing:
         saved = n_layers * layer_input + embed_out
@@ -312,18 +313,25 @@ def plan_memory(
     # bat one chunk pair at a time.
     if mode == "bat":
         weight_buffer = _bat_chunk_bytes(modules, targets, r, bat_chunk_bytes, e)
-        items["bat: dequantized weight chunk"] = weight_buffer
+        if e < 4:  # 16-bit dx is summed over the chunks in fp32: an accumulator, and on CUDA each chunk's fp32 product
+            weight_buffer += 8 * tokens * max(modules[n].in_features for n in targets)
+        items["bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"] = weight_buffer
     elif bits is not None:
         largest = max(modules[n].in_features * modules[n].out_features for n in targets)
         weight_buffer = largest * (e if bits == 4 else 4)
         items["backward: one dequantized weight"] = weight_buffer
     else:
         weight_buffer = 0
-    mlp_grads = tokens * e * (3 * inter + 2 * hidden)
-    at_projection = weight_buffer + tokens * e * (inter + 2 * hidden)
+    mlp_grads = tokens * e_act * (3 * inter + 2 * hidden)
+    at_projection = weight_buffer + tokens * e_act * (inter + 2 * hidden)
     layer_phase = in_layer + max(mlp_grads, at_projection) + grads
     items["logits + loss (fp32)"] = 3 * logits
     loss_phase = saved + 3 * logits
+    if norm_e == 4 and e < 4 and head is not None:
+        # under 16-bit autocast (a bf16 Trainer step) the fp32 head runs on a 16-bit copy of its weight,
+        # which autograd keeps for the head's backward
+        items["autocast: 16-bit copy of the fp32 head"] = head.weight.numel() * e
+        loss_phase += head.weight.numel() * e
     items["adapter gradients (fp32)"] = grads
     optimizer_phase = grads + (trainable * 4 if optimizer in ("adamw", "adamw_torch") else 0)  # foreach temporaries
 
