@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qmiss import ops, quant
+from qmiss import hf, ops, quant
 from qmiss.config import QMissConfig
 from qmiss.layer import MissLinear
 from qmiss.model import miss_layers, prepare_qmiss
@@ -279,18 +279,6 @@ def _plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: tor
     return linear
 
 
-def _forget_quantization(model: nn.Module) -> None:
-    """Drop transformers' record of a bitsandbytes load, so the model saves and loads as a plain one."""
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
-    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(model, attr):
-            setattr(model, attr, False)
-    if hasattr(getattr(model, "config", None), "quantization_config"):
-        del model.config.quantization_config
-
-
 def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A plain transformers model: every MissLinear becomes an ``nn.Linear`` holding dequantize(W) + ΔW.
 
@@ -315,7 +303,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
         replaced.append(name)
-    _forget_quantization(model)
+    hf.forget_quantization(model)
+    hf.detach(model)
     if callable(getattr(model, "disable_input_require_grads", None)):
         try:
             model.disable_input_require_grads()

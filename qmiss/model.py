@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from qmiss import quant
+from qmiss import hf, quant
 from qmiss.config import QMissConfig, mode_from_init_weights
 from qmiss.layer import MissLinear
 
@@ -267,7 +267,9 @@ def prepare_qmiss(
             With it on, a 16-bit model's stream turns fp32 after the first norm.
 
     Returns:
-        The same model object, with ``model.qmiss_config`` set.
+        The same model object, with ``model.qmiss_config`` set, and set up for transformers and
+        PEFT-style code by :func:`qmiss.hf.attach` (``save_pretrained`` writes the adapter; PEFT's
+        ``print_trainable_parameters``, ``disable_adapter``, ``merge_and_unload``, ``unload`` …).
 
     Raises:
         ValueError / TypeError: bad settings, shapes r does not fit, no matching layer,
@@ -350,13 +352,8 @@ def prepare_qmiss(
         enable_input_grads()
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=False)
-    if getattr(model, "is_quantized", False):
-        # transformers' Trainer refuses a model loaded through BitsAndBytesConfig as "purely quantized"
-        # unless PEFT adapters are attached (validate_quantization_for_training reads only this flag and
-        # PEFT's classes). Trainable qmiss adapters are attached now; the quantization itself
-        # (hf_quantizer, quantization_method, is_loaded_in_4bit) stays as transformers set it.
-        model.is_quantized = False
     model.qmiss_config = config
+    hf.attach(model)  # transformers' flags, save_pretrained and PEFT's methods: see qmiss/hf.py
     return model
 
 

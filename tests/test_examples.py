@@ -1,4 +1,5 @@
-"""examples/generate.py: the prompt an adapter is queried with is the one qmiss-train recorded for it."""
+"""The examples: generate.py queries an adapter with the prompt qmiss-train recorded for it; sft_trl.py (the
+README's quick start) trains, saves and reloads."""
 
 from __future__ import annotations
 
@@ -77,3 +78,16 @@ def test_a_malformed_record_names_the_file_and_the_fix(tmp_path, text: str, matc
     with pytest.raises(ValueError, match=match) as info:
         generate.build_prompts(None, [QUERY], tmp_path)
     assert "qmiss_train_args.json" in str(info.value) and "--prompt_template" in str(info.value)
+
+
+@pytest.mark.slow
+def test_peft_quick_start_with_qmiss_reloads_identically_in_peft_and_qmiss(tmp_path, smollm2_dir) -> None:
+    """README's quick start (examples/sft_trl.py): SFTTrainer on 4-bit SmolLM2, save_pretrained, then
+    peft.PeftModel.from_pretrained and qmiss.from_pretrained give the same logits."""
+    pytest.importorskip("trl")
+    spec = importlib.util.spec_from_file_location("sft_trl", Path(__file__).parent.parent / "examples" / "sft_trl.py")
+    sft_trl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft_trl)
+    difference = sft_trl.main(["--max_steps", "1", "--output_dir", str(tmp_path / "miss-sft")])
+    assert difference <= 1e-4
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "miss-sft").iterdir()}
