@@ -34,6 +34,7 @@ BOUND_METHODS = (
     "disable_adapter",
     "disable_adapters",
     "enable_adapters",
+    "active_adapters",
     "merge_and_unload",
     "unload",
     "get_base_model",
@@ -155,6 +156,14 @@ def _enable_adapters(self: nn.Module) -> None:
 
     for _, layer in miss_layers(self):
         layer.disabled = False
+
+
+def _active_adapters(self: nn.Module) -> list[str]:
+    """transformers' ``model.active_adapters()``: ``["default"]`` while the adapters are on, else ``[]``
+    (transformers' own version asks for a PEFT release that does not exist yet)."""
+    from qmiss.model import miss_layers
+
+    return ["default"] if any(not layer.disabled for _, layer in miss_layers(self)) else []
 
 
 def _merge_and_unload(self: nn.Module, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> nn.Module:

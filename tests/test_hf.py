@@ -111,8 +111,10 @@ def test_disable_adapter_gives_the_base_logits(mode: str) -> None:
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base, rtol=1e-6, atol=1e-6)
     model.disable_adapters()
+    assert model.active_adapters() == []
     torch.testing.assert_close(model(ids).logits, base, rtol=1e-6, atol=1e-6)
     model.enable_adapters()
+    assert model.active_adapters() == ["default"]
     torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
 
 
