@@ -20,7 +20,7 @@ named in :func:`attach`.
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from typing import Any, Iterator, Optional
 
 import torch
@@ -35,6 +35,11 @@ BOUND_METHODS = (
     "disable_adapters",
     "enable_adapters",
     "active_adapters",
+    "load_adapter",
+    "get_adapter_state_dict",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
     "merge_and_unload",
     "unload",
     "get_base_model",
@@ -63,8 +68,8 @@ def attach(model: nn.Module) -> None:
     model._hf_peft_config_loaded = True
     if getattr(model, "config", None) is not None:
         model.config._is_quantized = True
-    for name in BOUND_METHODS:
-        setattr(model, name, types.MethodType(globals()[f"_{name}"], model))
+    for name in BOUND_METHODS:  # a partial, unlike a bound method, pickles (by the function's qualified name)
+        setattr(model, name, functools.partial(globals()[f"_{name}"], model))
 
 
 def detach(model: nn.Module) -> None:
@@ -164,6 +169,42 @@ def _active_adapters(self: nn.Module) -> list[str]:
     from qmiss.model import miss_layers
 
     return ["default"] if any(not layer.disabled for _, layer in miss_layers(self)) else []
+
+
+def _load_adapter(self: nn.Module, peft_model_id: str, adapter_name: Optional[str] = None,
+                  is_trainable: bool = False, **kwargs: Any) -> None:
+    """transformers' ``model.load_adapter(dir)``: :func:`qmiss.load_adapter` (one adapter per layer, "default")."""
+    from qmiss.io import load_adapter
+
+    if adapter_name not in (None, "default"):
+        raise ValueError(f"adapter_name={adapter_name!r}: a qmiss model holds one adapter per layer ('default'); "
+                         "prepare a second model for a second adapter")
+    load_adapter(self, peft_model_id, trainable=is_trainable)
+
+
+def _get_adapter_state_dict(self: nn.Module, adapter_name: Optional[str] = None, **kwargs: Any) -> dict:
+    """transformers' ``model.get_adapter_state_dict()``: ``{"<module path>.miss_block": tensor}``."""
+    from qmiss.model import adapter_state_dict
+
+    return adapter_state_dict(self)
+
+
+def _one_adapter_only(call: str) -> None:
+    raise ValueError(f"model.{call}: a qmiss model holds one MiSS adapter per layer and no named adapters; use "
+                     "qmiss.load_adapter(model, dir) to replace it, qmiss.disable_adapter(model) to switch it off, "
+                     "or prepare a second model for a second adapter")
+
+
+def _add_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    _one_adapter_only("add_adapter")
+
+
+def _set_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    _one_adapter_only("set_adapter")
+
+
+def _delete_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    _one_adapter_only("delete_adapter")
 
 
 def _merge_and_unload(self: nn.Module, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> nn.Module:

@@ -187,6 +187,8 @@ def follow_weight_device(module: nn.Module) -> None:
         if state is not None and state.absmax.device != device:
             state.to(device)
     elif bits == 8:
+        if not isinstance(weight, bnb.nn.Int8Params):  # e.g. a view into an FSDP flat parameter: not ours to re-point
+            return
         state = module.state
         if getattr(weight, "CB", None) is not None:
             weight.CB = weight.data  # CB is the int8 matrix itself

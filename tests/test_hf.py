@@ -175,3 +175,28 @@ def test_flash_attention_target_dtype_is_the_models_not_the_packed_weights(tiny_
     model = qmiss.prepare_qmiss(model, r=16, bits=4, compute_dtype=torch.bfloat16)
     query = torch.zeros(1, 2, 4, 16)  # fp32, no autocast: the case transformers must pick a dtype for
     assert get_target_dtype(query, model.model.layers[0].self_attn) == torch.bfloat16
+
+
+def test_transformers_adapter_methods_speak_for_the_one_adapter(tmp_path) -> None:
+    model = _prepared()
+    qmiss.save_adapter(model, tmp_path)
+    state = model.get_adapter_state_dict()
+    assert set(state) == {f"{name}.miss_block" for name, _ in qmiss.miss_layers(model)}
+    fresh = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4)
+    fresh.load_adapter(str(tmp_path))
+    ids = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    for call in ("add_adapter", "set_adapter", "delete_adapter"):
+        with pytest.raises(ValueError, match=f"model.{call}: a qmiss model holds one MiSS adapter per layer"):
+            getattr(model, call)("other")
+
+
+def test_a_prepared_model_pickles_with_its_methods() -> None:
+    import pickle
+
+    model = _prepared()
+    model.disable_input_require_grads()  # transformers' own input-grad hook is a local function: it never pickles
+    copy = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert copy.get_base_model() is copy
