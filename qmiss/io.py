@@ -34,7 +34,7 @@ from torch import nn
 from qmiss import hf, ops, quant
 from qmiss.config import QMissConfig
 from qmiss.layer import MissLinear
-from qmiss.model import miss_layers, prepare_qmiss
+from qmiss.model import WRAPPER_PREFIXES, miss_layers, prepare_qmiss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,6 +89,13 @@ def _fsdp1_full_params(model: nn.Module) -> contextlib.AbstractContextManager:
     return stack
 
 
+def _unwrapped_name(key: str) -> str:
+    """A state-dict key with the path parts that DDP ("module.") and FSDP1 / checkpoint wrappers insert removed."""
+    for prefix in WRAPPER_PREFIXES:
+        key = key.replace(prefix, "")
+    return key.removeprefix("module.")
+
+
 def save_adapter(model: nn.Module, directory: PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write the model's adapters in PEFT's MiSS format plus ``qmiss_config.json``, each file atomically.
 
@@ -113,10 +120,12 @@ def save_adapter(model: nn.Module, directory: PathLike, state_dict: Optional[dic
     directory = Path(directory)
     layers = dict(miss_layers(model))
     if state_dict is not None:
-        missing = [f"{name}.adapter.weight" for name in layers if f"{name}.adapter.weight" not in state_dict]
+        # keys as the wrapper's state_dict() names them: DDP adds "module.", FSDP1 and checkpoint wrappers their own
+        entries = {_unwrapped_name(key): value for key, value in state_dict.items() if key.endswith(".adapter.weight")}
+        missing = [f"{name}.adapter.weight" for name in layers if f"{name}.adapter.weight" not in entries]
         if missing:
             raise KeyError(f"state_dict lacks {missing[0]} (and {len(missing) - 1} more adapter tensors)")
-        blocks = {name: state_dict[f"{name}.adapter.weight"] for name in layers}
+        blocks = {name: entries[f"{name}.adapter.weight"] for name in layers}
     else:
         with _fsdp1_full_params(model):
             blocks = {name: _full(layer.miss_block).clone() for name, layer in layers.items()}

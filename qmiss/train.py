@@ -39,7 +39,7 @@ from transformers import (
 import qmiss
 from qmiss.config import default_compute_dtype, mode_from_init_weights
 from qmiss.fsdp import update_fsdp_plugin
-from qmiss.io import atomic_write_json, load_adapter, save_adapter
+from qmiss.io import atomic_write_json, load_adapter
 from qmiss.smollm import smollm2_path
 
 # The reference script's prompt (Alpaca-style, as used for MetaMathQA).
@@ -303,8 +303,9 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
 
 
 class QMissTrainer(Trainer):
-    """A Trainer whose checkpoints hold the adapter (PEFT format) and optimizer state, never the frozen base,
-    and which stops on a non-finite loss before an optimizer step can poison the adapter."""
+    """A Trainer that resumes from adapter-only checkpoints, marks each finished checkpoint complete, and stops
+    on a non-finite loss before an optimizer step can poison the adapter. (Saves hold the adapter, never the
+    frozen base, through the model's own ``save_pretrained``: see qmiss/hf.py.)"""
 
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -320,16 +321,6 @@ class QMissTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if self.is_fsdp_enabled:  # as transformers does for PEFT models: adapters in units of their own
             update_fsdp_plugin(self.accelerator.state.fsdp_plugin, self.model)
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        # state_dict: FSDP's FULL_STATE_DICT, gathered on every rank already; its adapter entries are written
-        full = state_dict if self.is_fsdp_enabled else None
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict=full)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

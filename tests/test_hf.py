@@ -45,6 +45,16 @@ def test_save_pretrained_writes_the_adapter(tmp_path, mode: str) -> None:
     _assert_adapter_folder(tmp_path / "adapter", ids, logits, mode)
 
 
+def test_save_pretrained_takes_a_wrappers_state_dict(tmp_path) -> None:
+    """transformers' Trainer hands a DDP-wrapped model's state_dict() ("module."-prefixed keys) to save_pretrained."""
+    model = _prepared()
+    model.save_pretrained(tmp_path / "plain")
+    wrapped = {f"module.{key}": value for key, value in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "ddp", state_dict=wrapped)
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
 def _trainer(model, out: Path, **kwargs):
     from transformers import Trainer, TrainingArguments
 
