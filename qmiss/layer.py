@@ -97,8 +97,7 @@ class MissLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = n_in, n_out
         self.r, self.mode, self.mini_r = r, mode, mini_r
-        self.requested_compute_dtype = compute_dtype  # None: follow the device
-        self.compute_dtype = compute_dtype  # the dtype in force; resolved by _follow_device
+        self.requested_compute_dtype = compute_dtype  # None: follow the device; self.compute_dtype: the one in force
         self.bat_chunk_bytes = bat_chunk_bytes
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
