@@ -12,6 +12,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
+from qmiss.inputs import InputError, spelled
+
 Mode = Literal["default", "mini", "bat"]
 MODES: tuple[str, ...] = ("default", "mini", "bat")
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
@@ -34,8 +36,8 @@ def mode_from_init_weights(init_weights: Union[bool, str]) -> str:
         init_weights = True
     if init_weights is True or init_weights in ("mini", "bat"):
         return _INIT_WEIGHTS_TO_MODE[init_weights]
-    raise ValueError(
-        f"init_weights={init_weights!r} is not supported; use True (MiSS balance, mode='default'), "
+    raise InputError(
+        f"{spelled('init_weights')}={init_weights!r} is not supported; use True (MiSS balance, mode='default'), "
         "'mini' or 'bat' — qmiss always starts from zero-initialised adapters so training begins at the base model"
     )
 
@@ -153,33 +155,38 @@ class QMissConfig:
     base_model_name_or_path: Optional[str] = None  # recorded in the PEFT adapter config
 
     def __post_init__(self) -> None:
+        r, mode, mini_r, bits = (spelled(n) for n in ("r", "mode", "mini_r", "bits"))
         if isinstance(self.r, bool) or not isinstance(self.r, int):
-            raise TypeError(f"r={self.r!r} must be an int, e.g. r=64")
+            raise TypeError(f"{r}={self.r!r} must be an int, e.g. {r}=64")
         if self.r <= 0:
-            raise ValueError(f"r={self.r} must be a positive int, e.g. r=64")
+            raise InputError(f"{r}={self.r} must be a positive int, e.g. {r}=64")
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}; PEFT's init_weights=True/'mini'/'bat' also work")
+            raise InputError(f"{mode}={self.mode!r} is not one of {MODES}; PEFT's init_weights=True/'mini'/'bat' "
+                             "also work")
         if self.mode == "mini":
             if self.mini_r is None:
-                raise ValueError("mode='mini' needs mini_r (the adapter width along out_features), e.g. mini_r=16")
+                raise InputError(f"{mode}='mini' needs {mini_r} (the adapter width along out_features), e.g. {mini_r}=16")
             if isinstance(self.mini_r, bool) or not isinstance(self.mini_r, int) or self.mini_r <= 0:
-                raise ValueError(f"mini_r={self.mini_r!r} must be a positive int dividing every target's out_features")
+                raise InputError(f"{mini_r}={self.mini_r!r} must be a positive int dividing every target's "
+                                 "out_features")
         if self.bits == 16:
             self.bits = None
         if self.bits not in (4, 8, None):
-            raise ValueError(f"bits={self.bits!r} is not supported; use 4, 8, or None (also 16) for an unquantized base")
+            raise InputError(f"{bits}={self.bits!r} is not supported; use 4, 8, or None (also 16) for an unquantized "
+                             "base")
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
+            raise InputError(f"{spelled('quant_type')}={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
+        dropout = spelled("dropout")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+            raise InputError(f"{dropout}={self.dropout!r} must be in [0, 1)")
         if self.mode == "bat" and self.dropout > 0:
-            raise ValueError(
-                f"dropout={self.dropout} with mode='bat': bat folds the adapter into the weight, so there is no "
-                "separate adapter input to drop; use dropout=0.0, or mode='default'"
+            raise InputError(
+                f"{dropout}={self.dropout} with {mode}='bat': bat folds the adapter into the weight, so there is no "
+                f"separate adapter input to drop; use {dropout}=0.0, or {mode}='default'"
             )
         check_compute_dtype(self.compute_dtype, self.bits)
         if self.bat_chunk_bytes <= 0:
-            raise ValueError(f"bat_chunk_bytes={self.bat_chunk_bytes} must be positive, e.g. 64 * 2**20")
+            raise InputError(f"bat_chunk_bytes={self.bat_chunk_bytes} must be positive, e.g. 64 * 2**20")
         if not isinstance(self.target_modules, (str, list, tuple, set)):
             raise TypeError(f"target_modules={self.target_modules!r} must be 'all-linear', a regex or a list of names")
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from qmiss import hf, ops, quant
 from qmiss.config import QMissConfig
+from qmiss.inputs import MissingPathError, looks_like_hub_id
 from qmiss.layer import MissLinear
 from qmiss.model import WRAPPER_PREFIXES, miss_layers, prepare_qmiss
 
@@ -158,15 +159,19 @@ def read_adapter(directory: PathLike) -> tuple[QMissConfig, dict[str, torch.Tens
         wherever they were stored, under ``"qmiss"``).
 
     Raises:
-        FileNotFoundError: a file is missing.
+        MissingPathError (a FileNotFoundError): no such folder, or a file is missing.
         ValueError: malformed JSON, a config value out of range, an unreadable or truncated
             safetensors file, a key that is not an adapter tensor, a non-float or non-finite tensor.
     """
-    directory = Path(directory)
+    if not Path(directory).expanduser().is_dir():
+        hub = " (qmiss reads adapters from local folders; for one on the hub, download it first with " \
+              "huggingface_hub.snapshot_download)" if looks_like_hub_id(os.fspath(directory)) else ""
+        raise MissingPathError(f"adapter folder {directory}: no such folder{hub}")
+    directory = Path(directory).expanduser()
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise MissingPathError(f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     payload = _read_json(config_path)
     qmiss_path = directory / QMISS_CONFIG_NAME
     if qmiss_path.exists():

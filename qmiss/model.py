@@ -11,6 +11,7 @@ from torch import nn
 
 from qmiss import hf, quant
 from qmiss.config import QMissConfig, mode_from_init_weights
+from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import MissLinear
 
 AUTO = "auto"
@@ -89,33 +90,48 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
             "exclude them with exclude_modules=[...] or use a model with nn.Linear projections"
         )
     if not targets:
-        listed = ", ".join(linear_names) or "(none)"
-        raise ValueError(
-            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
-            f"linear layer; the model's linear layers are: {listed}"
+        raise InputError(
+            f"{spelled('target_modules')}={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matches no linear layer; the model's {len(linear_names)} linear layers are: {few(linear_names) or '(none)'}"
         )
     return targets
 
 
 def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> None:
-    """Validate r / mini_r against every target at once, listing all offenders."""
+    """Validate r / mini_r against every target at once: the first offenders and how many there are.
+
+    Raises:
+        InputError: r exceeds a target's in_features, or (bat) r does not divide its shape, or
+            (mini) mini_r does not divide its out_features.
+    """
     modules = dict(model.named_modules())
+    r, mini_r, mode = spelled("r"), spelled("mini_r"), spelled("mode")
     problems = []
     for name in targets:
         n_in, n_out = quant.in_out_features(modules[name])
         if config.r > n_in:
-            problems.append(f"{name}: r={config.r} > in_features={n_in}; use r <= {n_in}")
+            problems.append(f"{name}: {r}={config.r} > in_features={n_in}")
         elif config.mode == "bat" and (n_in % config.r or n_out % config.r):
-            problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by r={config.r}")
+            problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by {r}={config.r}")
         elif config.mode == "mini" and n_out % config.mini_r:
-            problems.append(f"{name}: out_features={n_out} is not divisible by mini_r={config.mini_r}")
+            problems.append(f"{name}: out_features={n_out} is not divisible by {mini_r}={config.mini_r}")
     if problems:
         hint = {
-            "bat": "bat needs r×r blocks — use mode='default', an r dividing every shape, or exclude these modules",
-            "mini": "pick a mini_r dividing every target's out_features, or exclude these modules",
-            "default": "pick a smaller r, or exclude these modules",
+            "bat": f"bat needs r×r blocks: use {mode}='default', an {r} dividing every shape, or exclude these modules",
+            "mini": f"pick a {mini_r} dividing every target's out_features, or exclude these modules",
+            "default": f"pick a smaller {r} (at most {min(quant.in_out_features(modules[n])[0] for n in targets)}), "
+                       "or exclude these modules",
         }[config.mode]
-        raise ValueError("; ".join(problems) + f" — {hint}")
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise InputError(f"{len(problems)} of {len(targets)} target layers do not fit: {shown} — {hint}")
+
+
+def check_targets(model: nn.Module, config: QMissConfig) -> list[str]:
+    """The layers ``config`` adapts in ``model`` (a real one or a meta-device copy), after checking r / mini_r
+    against each of them; see :func:`find_targets` and :func:`_check_shapes` for what is raised."""
+    targets = find_targets(model, config)
+    _check_shapes(model, targets, config)
+    return targets
 
 
 def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, None]) -> Optional[int]:
@@ -132,8 +148,8 @@ def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, No
         return 4 if bits == AUTO else (None if bits == 16 else bits)
     have = loaded.pop()
     if bits not in (AUTO, have):
-        raise ValueError(
-            f"bits={bits!r}, but the model was loaded in {have}-bit with bitsandbytes; "
+        raise InputError(
+            f"{spelled('bits')}={bits!r}, but the model was loaded in {have}-bit with bitsandbytes; "
             f"pass bits={have} (or leave bits='auto'), or load the model in full precision to quantize it to {bits}"
         )
     return have
@@ -286,7 +302,8 @@ def prepare_qmiss(
             raise ValueError(f"mode={mode!r} and init_weights={init_weights!r} disagree; give only one of them")
         mode = from_alias
     if bits not in (AUTO, 4, 8, 16, None):
-        raise ValueError(f"bits={bits!r} is not supported; use 4, 8, None (or 16) for no quantization, or 'auto'")
+        raise InputError(f"{spelled('bits')}={bits!r} is not supported; use 4, 8, None (or 16) for no quantization, "
+                         "or 'auto'")
     config = QMissConfig(
         r=r,
         mode=mode or "default",
@@ -301,8 +318,7 @@ def prepare_qmiss(
         bat_chunk_bytes=bat_chunk_bytes,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
-    targets = find_targets(model, config)
-    _check_shapes(model, targets, config)
+    targets = check_targets(model, config)
     config.bits = _resolve_bits(model, targets, bits)
     storage = _resolve_storage(model, targets, config.bits, quant_storage)
     modules = dict(model.named_modules())

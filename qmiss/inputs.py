@@ -1,0 +1,132 @@
+"""What the user typed, checked before any expensive work: errors that name the flag, paths, the hub.
+
+- :class:`InputError` marks a problem with the user's input (a setting, a path, the data). The
+  commands print it as one line and exit with status 2; anything else is a bug and keeps its traceback.
+- :func:`spelled_as` makes the settings' error messages use the spelling the user typed: inside
+  ``qmiss-train`` ``r`` reads ``--miss_r``, in Python it stays ``r``.
+- :func:`check_local_path` fails at once on a path that looks local and does not exist, with no hub
+  request; :func:`hub_access` makes a hub look-up quick and quiet when the hub cannot be reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+from urllib.parse import urlparse
+
+
+class InputError(ValueError):
+    """A setting, path or data row the user gave is wrong; the message says which and how to fix it."""
+
+
+class MissingPathError(InputError, FileNotFoundError):
+    """A path the user gave does not exist."""
+
+
+_SPELLING: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("qmiss_spelling", default={})
+
+
+def spelled(name: str) -> str:
+    """``name`` (a :func:`qmiss.prepare_qmiss` argument) as the user spelled it: ``--miss_r`` in qmiss-train."""
+    return _SPELLING.get().get(name, name)
+
+
+@contextlib.contextmanager
+def spelled_as(names: dict[str, str]) -> Iterator[None]:
+    """Within the block, error messages name settings by ``names`` (argument → flag), e.g. ``{"r": "--miss_r"}``."""
+    token = _SPELLING.set({**_SPELLING.get(), **names})
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
+def few(names: Iterable[str], shown: int = 4) -> str:
+    """The first ``shown`` names and a count of the rest: "a, b, c, d and 220 more"."""
+    names = list(names)
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown} more"
+
+
+#: suffixes of files qmiss reads: training data, configs, adapters.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".safetensors", ".gguf", ".bin")
+# A hub repository id: "name" or "owner/name" (letters, digits, "-", "_", "."; no leading or trailing "-"/".").
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` is shaped like a hub id ("gpt2", "meta-llama/Llama-2-7b-hf") rather than a local path."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.lower().endswith(LOCAL_SUFFIXES)
+
+
+def check_local_path(name: str, what: str) -> Optional[Path]:
+    """The local path ``name`` names, or None for a hub id; fails at once, with no hub request, on a missing one.
+
+    Args:
+        name: what the user gave.
+        what: how to name it in the error, e.g. "--data_path".
+
+    Raises:
+        MissingPathError: ``name`` does not exist and is not shaped like a hub id (it has a path
+            separator beyond "owner/name", starts with "." "/" or "~", or ends in a file suffix).
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if looks_like_hub_id(name):
+        return None
+    where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+    raise MissingPathError(f"{what} {name}: no such file or folder{where} — check the path; a hub id is 'name' "
+                           "or 'owner/name'")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint (``HF_ENDPOINT``) answers a TCP connection; False in offline mode."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a direct connection says nothing about the proxy; leave it to huggingface_hub
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_access() -> Iterator[bool]:
+    """Around a hub look-up: where the hub cannot be reached, offline mode for the block (models and datasets
+    in the local cache still load; anything else fails at once instead of after retries). Yields reachability."""
+    reachable = hub_reachable()
+    if reachable:
+        yield True
+        return
+    import huggingface_hub.constants as hub_constants
+
+    saved = [(hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE)]
+    with contextlib.suppress(ImportError):
+        import datasets.config as datasets_config
+
+        saved.append((datasets_config, "HF_HUB_OFFLINE", datasets_config.HF_HUB_OFFLINE))
+    for module, attr, _ in saved:
+        setattr(module, attr, True)
+    try:
+        yield False
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` on the command line or ``QMISS_DEBUG`` set: show tracebacks of input errors."""
+    return "--debug" in argv or os.environ.get("QMISS_DEBUG", "") not in ("", "0")
