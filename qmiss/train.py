@@ -32,13 +32,17 @@ from transformers import (
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
+    StoppingCriteria,
     Trainer,
     TrainingArguments,
 )
+from transformers.utils.logging import tqdm
 
 import qmiss
-from qmiss.config import default_compute_dtype, mode_from_init_weights
+from qmiss import data as pairs
+from qmiss.config import QMissConfig, default_compute_dtype, mode_from_init_weights
 from qmiss.fsdp import update_fsdp_plugin
+from qmiss.inputs import InputError, MissingPathError, check_local_path, debug_requested, hub_access, spelled_as
 from qmiss.io import atomic_write_json, load_adapter
 from qmiss.smollm import smollm2_path
 
@@ -47,9 +51,11 @@ PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{query}\n\n### Response:"
 )
-DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What the built-in demo uses for flags the user did not give.
+#: prepare_qmiss's arguments and the qmiss-train flags that set them, for error messages.
+FLAGS = {"r": "--miss_r", "mini_r": "--mini_r", "mode": "--mode", "init_weights": "--init_weights", "bits": "--bits",
+         "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules"}
 DEMO_DEFAULTS = {"prompt_template": "{query}\n", "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_steps": 60, "warmup_steps": 6,
                  "lr_scheduler_type": "cosine", "logging_steps": 10, "save_strategy": "no", "report_to": []}
 
@@ -138,54 +144,30 @@ def final_answer(text: str) -> Optional[str]:
 
 
 def load_pairs(data: DataArguments):
-    """The training rows as a ``datasets.Dataset`` with the two named fields.
+    """The training rows as a ``datasets.Dataset`` with the two named fields, every row checked
+    (:func:`qmiss.data.load_pairs`); the built-in problems without ``--data_path``.
 
     Raises:
-        FileNotFoundError / ValueError: a missing path, a split that does not parse, missing fields.
+        InputError: see :func:`qmiss.data.load_pairs`.
     """
     import datasets
 
-    query, response = _fields(data)
+    fields = _fields(data)
     if data.data_path is None:
         return datasets.Dataset.from_list(arithmetic_problems(data.demo_train_size, seed=0))
-    path = Path(data.data_path)
-    if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
-        kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
-        if not files or None in kinds or len(kinds) > 1:
-            raise ValueError(f"--data_path {path}: expected one kind of {sorted(DATA_SUFFIXES)} file(s), found "
-                             f"{[p.name for p in files] or 'none'}")
-        args, kwargs = (kinds.pop(),), {"data_files": [str(p) for p in files]}
-    else:
-        args, kwargs = (data.data_path,), {}
-    try:
-        dataset = datasets.load_dataset(*args, split=data.dataset_split, **kwargs)
-    except ValueError as exc:
-        message = str(exc).lower()
-        if "split" in message or "instruction" in message or data.dataset_split.lower() in message:
-            raise ValueError(f"--dataset_split {data.dataset_split!r} does not parse or does not exist ({exc}); "
-                             "use e.g. train, train[:1000] or train[:10%]") from exc
-        raise
-    except (FileNotFoundError, ConnectionError, OSError) as exc:
-        raise FileNotFoundError(f"--data_path {data.data_path!r} is not a local file or folder, and no dataset of "
-                                f"that name could be loaded ({exc})") from exc
-    missing = [f for f in (query, response) if f not in dataset.column_names]
-    if missing:
-        raise ValueError(f"--data_path {data.data_path}: no field(s) {missing}; its columns are "
-                         f"{dataset.column_names} — pass --dataset_field QUERY RESPONSE")
-    return dataset
+    return pairs.load_pairs(data.data_path, data.dataset_split, fields)
 
 
 def _fields(data: DataArguments) -> tuple[str, str]:
     if len(data.dataset_field) != 2:
-        raise ValueError(f"--dataset_field takes two names, QUERY RESPONSE; got {data.dataset_field}")
+        raise InputError(f"--dataset_field takes two names, QUERY RESPONSE; got {data.dataset_field}")
     return data.dataset_field[0], data.dataset_field[1]
 
 
 def prompt_text(tokenizer, query: str, data: DataArguments) -> str:
     if data.chat_template:
         if not tokenizer.chat_template:
-            raise ValueError("--chat_template: this tokenizer has no chat template; drop the flag")
+            raise InputError("--chat_template: this tokenizer has no chat template; drop the flag")
         return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
                                              add_generation_prompt=True)
     return data.prompt_template.format(query=query)
@@ -212,18 +194,51 @@ def device_map_for(device: torch.device) -> Union[str, dict[str, int]]:
     return {"": device.index or 0} if device.type == "cuda" else "cpu"
 
 
-def load_model(model_args: ModelArguments, device: torch.device):
+def _qmiss_settings(model_args: ModelArguments) -> dict:
+    """prepare_qmiss's arguments from the model flags."""
+    bits = BITS[model_args.bits]
+    settings = dict(r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mini_r=model_args.mini_r,
+                    target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
+                    quant_type=model_args.quant_type, double_quant=model_args.double_quant)
+    if model_args.mode is not None:
+        return {**settings, "mode": model_args.mode}
+    return {**settings, "mode": mode_from_init_weights(model_args.init_weights)}
+
+
+def check_model_args(model_args: ModelArguments) -> str:
+    """Check the model flags, and r / mini_r against the model's layer shapes (read from its config, built on
+    the meta device), before any weight is loaded; returns the model's folder or hub id.
+
+    Raises:
+        InputError: a flag out of range, a model path that does not exist (at once, no hub request), a model
+            that cannot be found, or shapes the settings do not fit; each names the flag as typed.
+    """
+    from qmiss.model import check_targets
+    from qmiss.plan import load_hf_config, meta_model
+
+    if model_args.bits not in BITS:
+        raise InputError(f"--bits {model_args.bits!r} is not one of {list(BITS)}")
+    name = model_args.base_model_name_or_path
+    if name is not None:
+        check_local_path(name, "--base_model_name_or_path")
+    path = name or str(smollm2_path())
+    with spelled_as(FLAGS):
+        settings = _qmiss_settings(model_args)
+        config = QMissConfig(**settings)
+        hf_config = load_hf_config(path, what="--base_model_name_or_path")
+        check_targets(meta_model(hf_config), config)
+    return path
+
+
+def load_model(model_args: ModelArguments, device: torch.device, path: Optional[str] = None):
     """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model, and its tokenizer.
 
     Args:
         model_args: the model flags.
         device: where this process trains (``TrainingArguments.device``: ``cuda:LOCAL_RANK`` under a launcher).
+        path: what :func:`check_model_args` returned; it is called here when not given.
     """
-    if model_args.bits not in BITS:
-        raise ValueError(f"--bits {model_args.bits!r} is not one of {sorted(BITS)}")
-    path = model_args.base_model_name_or_path or str(smollm2_path())
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"--base_model_name_or_path {path}: no such folder")
+    path = path or check_model_args(model_args)
     compute = default_compute_dtype(device)  # the model's dtype and bitsandbytes' compute dtype
     bits = BITS[model_args.bits]
     kwargs: dict = {"dtype": compute if isinstance(bits, int) else bits}
@@ -232,18 +247,16 @@ def load_model(model_args: ModelArguments, device: torch.device):
             load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=model_args.quant_type,
             bnb_4bit_use_double_quant=model_args.double_quant, bnb_4bit_compute_dtype=compute)
     kwargs["device_map"] = device_map_for(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise FileNotFoundError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
+    with hub_access():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise MissingPathError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    mode = model_args.mode or mode_from_init_weights(model_args.init_weights)
-    model = qmiss.prepare_qmiss(
-        model, r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mode=mode, mini_r=model_args.mini_r,
-        target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
-        quant_type=model_args.quant_type, double_quant=model_args.double_quant)
+    with spelled_as(FLAGS):
+        model = qmiss.prepare_qmiss(model, **_qmiss_settings(model_args))
     model.qmiss_config.base_model_name_or_path = model_args.base_model_name_or_path or "SmolLM2-135M-Instruct"
     return model, tokenizer
 
@@ -287,17 +300,18 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     """``--resume_from_checkpoint``: a folder (which must be complete), or "last"/"true" for the newest complete one.
 
     Raises:
-        FileNotFoundError / ValueError: no complete checkpoint, or the named one is incomplete.
+        InputError: no complete checkpoint, or the named one is missing or incomplete.
     """
     if resume is None or str(resume).lower() in ("", "false", "none"):
         return None
     if str(resume).lower() in ("last", "true"):
         found = last_complete_checkpoint(output_dir)
         if found is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
+            raise MissingPathError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
         return found
+    check_local_path(resume, "--resume_from_checkpoint")
     if not (Path(resume) / COMPLETE_MARKER).is_file():
-        raise ValueError(f"--resume_from_checkpoint {resume}: the checkpoint is incomplete or not a qmiss-train "
+        raise InputError(f"--resume_from_checkpoint {resume}: the checkpoint is incomplete or not a qmiss-train "
                          f"checkpoint; use 'last' to pick the newest complete one in {output_dir}")
     return resume
 
@@ -338,20 +352,41 @@ class QMissTrainer(Trainer):
 # --- evaluation of the built-in task ---------------------------------------------------------------------------
 
 
+class _Progress(StoppingCriteria):
+    """Ticks a progress bar once per generated token; never stops generation."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
-def demo_accuracy(model, tokenizer, rows: list[dict[str, str]], data: DataArguments, batch_size: int = 64) -> float:
-    """Held-out exact match, generating greedily for many prompts at once (left-padded batches)."""
+def demo_accuracy(model, tokenizer, rows: list[dict[str, str]], data: DataArguments, batch_size: int = 64,
+                  desc: Optional[str] = None) -> float:
+    """Held-out exact match, generating greedily for many prompts at once (left-padded batches).
+
+    Args:
+        desc: label of a progress bar over the generated tokens (none without it).
+    """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    correct = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        batch = tokenizer([prompt_text(tokenizer, r["query"], data) for r in chunk], return_tensors="pt",
-                          padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for row, ids in zip(chunk, out[:, batch.input_ids.shape[1]:]):
-            correct += final_answer(tokenizer.decode(ids, skip_special_tokens=True)) == final_answer(row["response"])
+    correct, max_new_tokens = 0, 24
+    batches = range(0, len(rows), batch_size)
+    with tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="tok", disable=desc is None) as bar:
+        for i in batches:
+            chunk = rows[i : i + batch_size]
+            batch = tokenizer([prompt_text(tokenizer, r["query"], data) for r in chunk], return_tensors="pt",
+                              padding=True, add_special_tokens=False).to(model.device)
+            done = bar.n
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=[_Progress(bar)])
+            bar.update(done + max_new_tokens - bar.n)  # a batch that stopped early at EOS
+            for row, ids in zip(chunk, out[:, batch.input_ids.shape[1]:]):
+                correct += final_answer(tokenizer.decode(ids, skip_special_tokens=True)) == final_answer(row["response"])
     model.train(was_training)
     tokenizer.padding_side = side
     return correct / len(rows)
@@ -364,17 +399,29 @@ def _given(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
+EPILOG = ("Errors in the input (flags, paths, data) print one line and exit with status 2; --debug (or QMISS_DEBUG=1) "
+          "shows their traceback.")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, QMissTrainingArguments]:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, QMissTrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.base_model_name_or_path is None and data_args.data_path is None:  # the built-in demo
-        given = _given(argv)
+    """The three flag groups (``--debug`` is dropped: :func:`main` reads it).
+
+    Raises:
+        InputError: TrainingArguments refuses a combination of flags.
+    """
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--debug"]
+    parser = HfArgumentParser((ModelArguments, DataArguments, QMissTrainingArguments), epilog=EPILOG)
+    given = _given(argv)
+    if "base_model_name_or_path" not in given and "data_path" not in given:  # the built-in demo
         overrides = {k: v for k, v in DEMO_DEFAULTS.items() if k not in given}
-        if overrides:
-            extra = [f"--{k}={v}" for k, v in overrides.items() if k != "report_to"]
-            extra += ["--report_to", "none"] if "report_to" in overrides else []
-            model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv + extra)
+        argv = argv + [f"--{k}={v}" for k, v in overrides.items() if k != "report_to"]
+        argv += ["--report_to", "none"] if "report_to" in overrides else []
+    try:
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:  # TrainingArguments.__post_init__: e.g. --bf16 where bf16 is not supported
+        raise InputError(str(exc)) from exc
+    if "dataloader_pin_memory" not in given and train_args.device.type != "cuda":
+        train_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every CPU run
     return model_args, data_args, train_args
 
 
@@ -393,23 +440,31 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     on_cuda = device.type == "cuda"
     torch.manual_seed(train_args.seed)
     start = time.time()
-    model, tokenizer = load_model(model_args, device)
+    # everything the user typed is checked before the model loads: paths first (a missing one fails at once,
+    # with no hub request), then the flags against the model's layer shapes, then every data row
+    if data_args.data_path is not None:
+        check_local_path(data_args.data_path, "--data_path")
+    if "{query}" not in data_args.prompt_template and not data_args.chat_template:
+        raise InputError(f"--prompt_template {data_args.prompt_template!r} has no {{query}}: the query would be lost")
+    path = check_model_args(model_args)
+    rows = load_pairs(data_args)
+    resume = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    model, tokenizer = load_model(model_args, device, path)
     trainable, total = qmiss.trainable_parameters(model)
 
     query, response = _fields(data_args)
-    rows = load_pairs(data_args)
     dataset = rows.map(lambda r: encode(tokenizer, r[query], r[response], data_args), remove_columns=rows.column_names)
     held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else None
-    before = demo_accuracy(model, tokenizer, held_out, data_args) if demo else None
+    before = demo_accuracy(model, tokenizer, held_out, data_args, desc="held-out accuracy, before") if demo else None
 
     train_args.remove_unused_columns = False
     trainer = QMissTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                            callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
 
-    after = demo_accuracy(model, tokenizer, held_out, data_args) if demo else None
+    after = demo_accuracy(model, tokenizer, held_out, data_args, desc="held-out accuracy, after") if demo else None
     summary = {
         "trainable_params": trainable, "all_params": total, "steps": trainer.state.global_step,
         "seconds": round(time.time() - start, 1), "peak_memory_mb": round(_peak_memory_mb(on_cuda), 1),
@@ -429,10 +484,18 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     return summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """The ``qmiss-train`` console script (and ``qmiss train``)."""
-    run(argv)
+def main(argv: Optional[list[str]] = None) -> int:
+    """The ``qmiss-train`` console script (and ``qmiss train``): exit status 0, or 2 for an input error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(argv)
+    except InputError as exc:
+        if debug_requested(argv):
+            raise
+        print(f"qmiss-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

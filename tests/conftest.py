@@ -82,6 +82,18 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a model folder."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def load(path: str, bits: int | None):
     """The saved tiny model, loaded through transformers' BitsAndBytesConfig (4/8-bit) or in fp32."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

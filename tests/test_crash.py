@@ -12,7 +12,7 @@ import torch
 
 import qmiss
 from qmiss import train
-from tests.test_train import args, jsonl, tiny_model_dir  # noqa: F401 (fixtures)
+from tests.test_train import args, jsonl  # noqa: F401 (fixtures)
 
 # Runs qmiss-train and SIGKILLs itself while writing checkpoint-KILL_AT: after the adapter, before the optimizer.
 KILLER = """

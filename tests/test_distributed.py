@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import qmiss
 from tests.conftest import tiny_llama
-from tests.test_train import jsonl, tiny_model_dir  # noqa: F401 (fixtures)
+from tests.test_train import jsonl  # noqa: F401 (a fixture)
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 

@@ -32,7 +32,7 @@ from qmiss import MissLinear, quant
 from qmiss.model import is_checkpointing
 from tests.conftest import make_base, randomize_adapters, tiny_llama, tiny_llama_config
 from tests.test_layer import MODES, randomize, reference
-from tests.test_train import jsonl, tiny_model_dir  # noqa: F401 (fixtures of the two-GPU test)
+from tests.test_train import jsonl  # noqa: F401 (a fixture of the two-GPU test)
 
 DEVICE = "cuda"  # one name for the device, so a test body can be read (and tried) against another
 BF16 = torch.bfloat16

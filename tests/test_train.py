@@ -13,18 +13,6 @@ from tests.conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
-    """A tiny random Llama with SmolLM2's real tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-with-tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def jsonl(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     rows = train.arithmetic_problems(20, seed=3)
