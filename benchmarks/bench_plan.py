@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Report, pyplot  # noqa: E402
-from qmiss.plan import CARDS_GB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
+from qmiss.plan import CARDS_GIB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
 
 MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}}
 BATCHES, SEQS = (1, 2, 4), (512, 1024)
@@ -36,8 +36,8 @@ def configs():
 
 
 def smallest_card(plan) -> str:
-    fits = [gb for gb, ok in plan.cards().items() if ok]
-    return f"{fits[0]} GB" if fits else f"> {CARDS_GB[-1]} GB"
+    fits = [gib for gib, ok in plan.cards().items() if ok]
+    return f"{fits[0]} GiB" if fits else f"> {CARDS_GIB[-1]} GiB"
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     report = Report(args.out)
     report.add(f"## bench_plan: `python {' '.join(sys.argv)}`\n")
     report.add(f"Planned allocator peak (GiB) and the smallest card that holds it plus "
-               f"{CUDA_CONTEXT_BYTES / 2**20:.0f} MiB of CUDA context; r=64 on every decoder linear (mini_r=64), "
+               f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB of CUDA context (cards in GiB: an \"8 GB\" card has 8 GiB); r=64 on every decoder linear (mini_r=64), "
                f"gradient checkpointing, paged 8-bit AdamW, bf16 compute, nf4 + double quantization; "
                f"{time.strftime('%Y-%m-%d')}\n")
     curves = {}
@@ -74,7 +74,7 @@ def main() -> None:
                f"{'yes' if abs(default.trainable_parameters / 87e6 - 1) < 0.02 else 'NO'} |\n"
                f"| default peak ≤ 5.0 GiB | {default.peak_bytes / GiB:.3f} GiB | {'yes' if default.peak_bytes <= 5 * GiB else 'NO'} |\n"
                f"| bat peak ≤ 5.3 GiB | {bat.peak_bytes / GiB:.3f} GiB | {'yes' if bat.peak_bytes <= 5.3 * GiB else 'NO'} |\n"
-               f"| default fits a 6 GB card with the CUDA context | {(default.peak_bytes + CUDA_CONTEXT_BYTES) / 1e9:.2f} GB | "
+               f"| default fits a 6 GiB card with the CUDA context | {(default.peak_bytes + CUDA_CONTEXT_BYTES) / GiB:.2f} GiB | "
                f"{'yes' if default.fits(6) else 'NO'} |\n")
     report.add("Breakdown, Llama-2-7B default:\n\n```\n" + default.table() + "\n```\n")
     report.add("Breakdown, Llama-2-7B bat:\n\n```\n" + bat.table() + "\n```\n")
@@ -86,9 +86,9 @@ def main() -> None:
         for (model, bits, mode), values in curves.items():
             if model == name:
                 ax.plot(labels, values, marker="o", ls="-" if bits == 4 else "--", label=f"{bits}-bit {mode}")
-        for gb in (6, 8, 12, 16, 24):
-            ax.axhline((gb * 1e9 - CUDA_CONTEXT_BYTES) / GiB, color="gray", lw=0.6, ls=":")
-            ax.text(len(labels) - 1, (gb * 1e9 - CUDA_CONTEXT_BYTES) / GiB, f"{gb} GB", fontsize=7, va="bottom")
+        for gib in (6, 8, 12, 16, 24):
+            ax.axhline(gib - CUDA_CONTEXT_BYTES / GiB, color="gray", lw=0.6, ls=":")
+            ax.text(len(labels) - 1, gib - CUDA_CONTEXT_BYTES / GiB, f"{gib} GiB card", fontsize=7, va="bottom")
         ax.set_title(f"{name}: planned peak (GiB)")
         ax.set_xlabel("batch × seq")
     axes[0].legend(fontsize=7)

@@ -1,8 +1,8 @@
 """A qmiss-train command for a 7B model on one consumer GPU, sized by the memory planner.
 
-    python examples/recipe_7b.py --gpu-gb 8                      # Llama-2-7B shapes, MetaMathQA
-    python examples/recipe_7b.py --gpu-gb 12 --config path/to/Llama-2-7b-hf
-    python examples/recipe_7b.py --gpu-gb 24 --mode bat
+    python examples/recipe_7b.py --gpu-gib 8                     # Llama-2-7B shapes, MetaMathQA
+    python examples/recipe_7b.py --gpu-gib 12 --config path/to/Llama-2-7b-hf
+    python examples/recipe_7b.py --gpu-gib 24 --mode bat
 
 For the card, it tries settings from the most frugal up (4-bit, checkpointing, paged 8-bit AdamW,
 r=64 on every linear) and keeps the largest micro-batch × sequence length whose planned peak, plus
@@ -30,7 +30,8 @@ def llama2_7b():
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu-gb", type=float, required=True)
+    parser.add_argument("--gpu-gib", "--gpu-gb", dest="gpu_gib", type=float, required=True,
+                        help="the card's memory in GiB (an '8 GB' card has 8 GiB)")
     parser.add_argument("--config", default=None, help="model folder or config.json (default: Llama-2-7B's shapes)")
     parser.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="what the command trains")
     parser.add_argument("--mode", default="default", choices=["default", "mini", "bat"])
@@ -43,16 +44,16 @@ def main() -> int:
         for seq in (512, 1024, 2048):
             for batch in (1, 2, 4, 8, 16):
                 plan = plan_memory(config, bits=bits, mode=args.mode, batch_size=batch, seq_len=seq, **extra)
-                if plan.fits(args.gpu_gb) and (best is None or (batch * seq, -bits) > (best[1] * best[2], -best[0])):
+                if plan.fits(args.gpu_gib) and (best is None or (batch * seq, -bits) > (best[1] * best[2], -best[0])):
                     best = (bits, batch, seq, plan)
         if best is not None:
             break  # 4-bit fits: it leaves the most room for activations
     if best is None:
-        print(f"no setting fits a {args.gpu_gb:g} GB card (even 4-bit, 1×512, checkpointing)", file=sys.stderr)
+        print(f"no setting fits a {args.gpu_gib:g} GiB card (even 4-bit, 1×512, checkpointing)", file=sys.stderr)
         return 1
     bits, batch, seq, plan = best
     print(plan.table())
-    print(f"\n# {args.gpu_gb:g} GB card: {bits}-bit {args.mode}, micro-batch {batch}×{seq}, planned peak "
+    print(f"\n# {args.gpu_gib:g} GiB card: {bits}-bit {args.mode}, micro-batch {batch}×{seq}, planned peak "
           f"{plan.peak_bytes / GiB:.2f} GiB")
     print(f"qmiss-train --base_model_name_or_path {args.model} --data_path meta-math/MetaMathQA \\\n"
           f"  --dataset_field query response --output_dir out/llama2-7b-qmiss --bits {bits} --miss_r 64 "

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from qmiss.config import MODES, QMissConfig
+from qmiss.inputs import (InputError, MissingPathError, check_local_path, debug_requested, hub_access, spelled,
+                          spelled_as)
 
 GiB = 2**30
 MiB = 2**20
@@ -48,8 +50,8 @@ OPTIMIZERS = {
 }
 #: bitsandbytes' 8-bit optimizers keep tensors smaller than this in fp32.
 BNB_MIN_8BIT_SIZE = 4096
-#: common cards, GB as sold (10⁹ bytes).
-CARDS_GB = (6, 8, 12, 16, 24, 48, 80)
+#: common cards. GPU memory is binary: an "8 GB" card has 8 GiB (8192 MiB, what nvidia-smi shows).
+CARDS_GIB = (6, 8, 12, 16, 24, 48, 80)
 #: allowance for what the CUDA context and kernels take before any tensor (typical, bf16 kernels loaded).
 CUDA_CONTEXT_BYTES = 600 * MiB
 
@@ -67,29 +69,45 @@ class MemoryPlan:
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
 
-    def fits(self, gpu_gb: float, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
-        """Whether the peak plus the CUDA context fits a card of ``gpu_gb`` GB (10⁹ bytes)."""
-        return self.peak_bytes + context_bytes <= gpu_gb * 1e9
+    def fits(self, gpu_gib: float, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
+        """Whether the peak plus the CUDA context fits a card of ``gpu_gib`` GiB (an "8 GB" card has 8 GiB)."""
+        return self.peak_bytes + context_bytes <= gpu_gib * GiB
 
     def cards(self, context_bytes: int = CUDA_CONTEXT_BYTES) -> dict[int, bool]:
-        return {gb: self.fits(gb, context_bytes) for gb in CARDS_GB}
+        """Whether the step fits each of :data:`CARDS_GIB` (GiB), the CUDA context counted."""
+        return {gib: self.fits(gib, context_bytes) for gib in CARDS_GIB}
+
+    def verdict(self, gpu_gib: float, context_bytes: int = CUDA_CONTEXT_BYTES) -> str:
+        """One line: whether it fits a ``gpu_gib`` GiB card, and what it needs, in GiB."""
+        need = self.peak_bytes + context_bytes
+        return (f"fits a card of {gpu_gib:g} GiB: {'yes' if self.fits(gpu_gib, context_bytes) else 'no'} "
+                f"({need / GiB:.2f} GiB needed: peak {self.peak_bytes / GiB:.2f} GiB + CUDA context "
+                f"{context_bytes / GiB:.2f} GiB; {gpu_gib * GiB / MiB:.0f} MiB on the card)")
 
     def table(self) -> str:
-        """The breakdown as aligned text, ending with the card list."""
+        """The breakdown as aligned text in GiB, ending with the card list."""
         width = max(len(k) for k in self.items) + 2
         lines = [f"qmiss memory plan: {self.model}",
                  "  " + ", ".join(f"{k}={v}" for k, v in self.settings.items()), ""]
         for key, value in self.items.items():
             lines.append(f"  {key:<{width}}{value / GiB:8.3f} GiB")
         lines += [f"  {'peak (' + self.peak_phase + ')':<{width}}{self.peak_bytes / GiB:8.3f} GiB", ""]
-        lines.append(f"  cards (peak + {CUDA_CONTEXT_BYTES / MiB:.0f} MiB CUDA context): " + "  ".join(
-            f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in self.cards().items()))
+        lines.append(f"  cards in GiB (an \"8 GB\" card has 8 GiB; peak + {CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA "
+                     "context): " + "  ".join(f"{gib} {'yes' if ok else 'no'}" for gib, ok in self.cards().items()))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _load_config(config):
-    """A transformers config from a config object, a config.json, a model folder or a hub id."""
+def load_hf_config(config, what: str = "config"):
+    """A transformers config from a config object or dict, a config.json, a model folder or a hub id.
+
+    Args:
+        what: how to name ``config`` in errors, e.g. "--config".
+
+    Raises:
+        MissingPathError: a path that does not exist (at once, with no hub request), or no such hub model.
+        InputError: a file that is not a transformers config.
+    """
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
@@ -97,25 +115,29 @@ def _load_config(config):
     if isinstance(config, dict):
         model_type = config.get("model_type")
         if not model_type:
-            raise ValueError("config dict has no 'model_type'; pass a transformers config or a config.json path")
+            raise InputError(f"{what}: the dict has no 'model_type'; pass a transformers config or a config.json path")
         return AutoConfig.for_model(**config)
-    path = Path(os.fspath(config))
-    if path.is_file():
-        try:
-            return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else \
-                _config_from_json(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable transformers config ({exc})") from exc
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; pass a model folder or a config.json file")
-        return AutoConfig.from_pretrained(str(path))
+    name = os.fspath(config)
+    path = check_local_path(name, what)
+    if path is None:
+        with hub_access() as online:
+            try:
+                return AutoConfig.from_pretrained(name)
+            except (OSError, ValueError) as exc:
+                reach = "" if online else " (the hub cannot be reached: only the local cache was searched)"
+                raise MissingPathError(f"{what} {name}: not a local file or folder, and no hub model of that name "
+                                       f"could be read{reach}") from exc
     try:
-        return AutoConfig.from_pretrained(str(config))  # a hub id, when a hub is reachable
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise MissingPathError(f"{what} {name}: the folder has no config.json; pass a model folder or a "
+                                       "config.json file")
+            return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _config_from_json(path)
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"config {config!r} is neither a file, a folder with config.json, nor a reachable hub model id ({exc})"
-        ) from exc
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{what} {name}: not a readable transformers config ({exc})") from exc
 
 
 def _config_from_json(path: Path):
@@ -123,14 +145,15 @@ def _config_from_json(path: Path):
 
     try:
         payload = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if "model_type" not in payload:
-        raise ValueError(f"{path}: no 'model_type' field")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict) or "model_type" not in payload:
+        raise InputError(f"{path}: no 'model_type' field; pass a model's config.json")
     return AutoConfig.for_model(**payload)
 
 
-def _meta_model(config) -> nn.Module:
+def meta_model(config) -> nn.Module:
+    """The model ``config`` describes, on the meta device: shapes, no storage."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -198,20 +221,20 @@ def plan_memory(
         FileNotFoundError: no config where ``config`` points.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not one the planner knows; use one of {sorted(OPTIMIZERS)}")
+        raise InputError(f"{spelled('optimizer')}={optimizer!r} is not one the planner knows; use one of "
+                         f"{sorted(OPTIMIZERS)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+            raise InputError(f"{spelled(name)}={value!r} must be a positive integer")
     qconfig = QMissConfig(r=r, mode=mode, mini_r=mini_r, bits=bits, target_modules=target_modules,
                           exclude_modules=exclude_modules, double_quant=double_quant)  # validates mode, bits, mini_r
     bits = qconfig.bits  # 16 means None
-    hf_config = _load_config(config)
+    hf_config = load_hf_config(config, spelled("config"))
     base_dtype = base_dtype or compute_dtype
-    from qmiss.model import _check_shapes, _output_head, find_targets
+    from qmiss.model import _output_head, check_targets
 
-    model = _meta_model(hf_config)
-    targets = find_targets(model, qconfig)
-    _check_shapes(model, targets, qconfig)
+    model = meta_model(hf_config)
+    targets = check_targets(model, qconfig)
     modules = dict(model.named_modules())
 
     e = torch.finfo(compute_dtype).bits // 8  # bytes per activation value
@@ -346,7 +369,7 @@ def plan_memory(
     if mode == "mini":
         settings["mini_r"] = mini_r
     return MemoryPlan(
-        model=getattr(hf_config, "_name_or_path", "") or hf_config.model_type,
+        model=_describe_model(config, hf_config),
         settings=settings,
         items=items,
         static_bytes=static,
@@ -355,6 +378,19 @@ def plan_memory(
         trainable_parameters=trainable,
         notes=notes,
     )
+
+
+def _describe_model(config, hf_config) -> str:
+    """"llama, folder /models/SmolLM2": the model type and where the config came from."""
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(os.fspath(config)).expanduser()
+        if path.is_file():
+            path = path.parent if path.name == "config.json" else path
+        where = f"folder {path.resolve()}" if path.is_dir() else (
+            f"file {path.resolve()}" if path.exists() else f"hub {os.fspath(config)}")
+    else:
+        where = getattr(hf_config, "_name_or_path", "") or "a config object"
+    return f"{hf_config.model_type}, {where}"
 
 
 def _decoder_layers(model: nn.Module) -> list[str]:
@@ -379,6 +415,9 @@ def _bat_chunk_bytes(modules: dict, targets: list[str], r: int, budget: int, e: 
 # --- the `qmiss plan` command ---------------------------------------------------------------------------------
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: plan_memory's arguments and the `qmiss plan` flags that set them, for error messages.
+FLAGS = {"config": "--config", "r": "--r", "mini_r": "--mini_r", "mode": "--mode", "bits": "--bits",
+         "batch_size": "--batch", "seq_len": "--seq", "optimizer": "--optimizer"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -393,15 +432,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
     parser.add_argument("--optimizer", default="paged_adamw_8bit", help=f"one of {', '.join(sorted(OPTIMIZERS))}")
     parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--gpu-gb", type=float, default=None, help="say whether it fits a card of this many GB")
+    parser.add_argument("--gpu-gib", "--gpu-gb", dest="gpu_gib", type=float, default=None,
+                        help="say whether it fits a card of this many GiB (an '8 GB' card has 8 GiB); exit status 1 "
+                             "if not")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error "
+                        "(also QMISS_DEBUG=1); without it an input error prints one line and exits with status 2")
     args = parser.parse_args(argv)
     try:
-        plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
-                           mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
-                           gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                           compute_dtype=DTYPES[args.compute_dtype])
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        with spelled_as(FLAGS):
+            plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
+                               mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
+                               gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
+                               compute_dtype=DTYPES[args.compute_dtype])
+    except InputError as exc:
+        if args.debug or debug_requested([]):
+            raise
         print(f"qmiss plan: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -409,9 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "settings": plan.settings, "cards": plan.cards()}, indent=2))
     else:
         print(plan.table())
-    if args.gpu_gb is not None:
-        fits = plan.fits(args.gpu_gb)
-        print(f"fits a {args.gpu_gb:g} GB card: {'yes' if fits else 'no'} "
-              f"({(plan.peak_bytes + CUDA_CONTEXT_BYTES) / 1e9:.2f} GB needed with the CUDA context)")
-        return 0 if fits else 1
+    if args.gpu_gib is not None:
+        print(plan.verdict(args.gpu_gib))
+        return 0 if plan.fits(args.gpu_gib) else 1
     return 0
