@@ -161,7 +161,7 @@ def test_plan_command_prints_the_breakdown_and_the_card(tmp_path, smollm2_dir, c
     assert cli.main(["plan", "--config", smollm2_dir, "--bits", "4", "--r", "64", "--gpu-gb", "8"]) == 0
     out = capsys.readouterr().out
     for item in ["4-bit weights + quant state", "embeddings + lm_head", "adapters (fp32)", "optimizer states",
-                 "activations", "logits + loss", "peak (", "fits a 8 GB card: yes"]:
+                 "activations", "logits + loss", "peak (", "fits a card of 8 GiB: yes"]:
         assert item in out, item
     assert cli.main(["plan", "--config", f"{smollm2_dir}/config.json", "--gpu-gb", "0.5", "--json"]) == 1
     payload = json.loads(capsys.readouterr().out.split("\nfits")[0])
@@ -172,10 +172,10 @@ def test_plan_command_prints_the_breakdown_and_the_card(tmp_path, smollm2_dir, c
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--config", "/no/such/model"], "neither a file"),
-    (["--config", "SMOL", "--optimizer", "adam"], "optimizer='adam'"),
-    (["--config", "SMOL", "--batch", "-1"], "batch_size=-1"),
-    (["--config", "SMOL", "--r", "0"], "r=0"),
+    (["--config", "/no/such/model"], "--config /no/such/model: no such file or folder"),
+    (["--config", "SMOL", "--optimizer", "adam"], "--optimizer='adam'"),
+    (["--config", "SMOL", "--batch", "-1"], "--batch=-1 must be a positive integer"),
+    (["--config", "SMOL", "--r", "0"], "--r=0 must be a positive integer"),
 ])
 def test_plan_command_errors_are_clear(smollm2_dir, capsys, argv, message) -> None:
     argv = [str(smollm2_dir) if a == "SMOL" else a for a in argv]

@@ -70,10 +70,10 @@ def test_train_writes_a_peft_adapter_and_resumes(tmp_path, tiny_model_dir: str, 
 
 @pytest.mark.parametrize("extra,error,match", [
     (["--dataset_field", "query", "response"], ValueError, r"no field\(s\) \['query', 'response'\]; its columns are "
-                                                           r"\['question', 'answer'\]"),
-    (["--dataset_split", "train[:abc]"], ValueError, "--dataset_split 'train\\[:abc\\]' does not parse"),
+                                                           r"\['answer', 'question'\]"),
+    (["--dataset_split", "train[:abc]"], ValueError, "--dataset_split 'train\\[:abc\\]': Unrecognized instruction"),
     (["--bits", "3"], ValueError, "--bits '3' is not one of"),
-    (["--mode", "bat", "--miss_r", "48"], ValueError, "not divisible by r=48"),
+    (["--mode", "bat", "--miss_r", "48"], ValueError, "not divisible by --miss_r=48"),
 ], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes"])
 def test_clear_errors(tmp_path, tiny_model_dir: str, jsonl: str, extra, error, match) -> None:
     with pytest.raises(error, match=match):
@@ -81,7 +81,7 @@ def test_clear_errors(tmp_path, tiny_model_dir: str, jsonl: str, extra, error, m
 
 
 def test_missing_model_path(tmp_path, jsonl: str) -> None:
-    with pytest.raises(FileNotFoundError, match="--base_model_name_or_path ./no/such/model: no such folder"):
+    with pytest.raises(FileNotFoundError, match="--base_model_name_or_path ./no/such/model: no such file or folder"):
         train.run(args("./no/such/model", jsonl, tmp_path, "--max_steps", "1"))
 
 
