@@ -1,19 +1,25 @@
 """Convergence: qmiss MiSS (default, bat) against QLoRA (PEFT LoRA r=64) on SmolLM2 in 4-bit.
 
-    python benchmarks/bench_convergence.py                  # 30 steps, learning rates 3e-4, 1e-3, 3e-3 each
-    python benchmarks/bench_convergence.py --steps 20 --lrs 2e-3
+    python benchmarks/bench_convergence.py                  # 30 steps, start grid 1e-4, 3e-4, 1e-3, 3e-3, widened
+    python benchmarks/bench_convergence.py --steps 20 --lrs 2e-3 --max-widen 2
 
 Every run adapts a deep copy of the same 4-bit SmolLM2-135M-Instruct on the same batches of the
-built-in arithmetic task (qmiss-train's demo: prompt tokens masked, batch 16), with AdamW, a cosine
-schedule and the same learning-rate grid for every method (the same search budget). Reported per run:
-the training loss curve, its mean over the last 5 steps, and held-out exact-match accuracy (64
-problems, greedy). Writes results/bench_convergence.md and results/bench_convergence.png.
+built-in arithmetic task (qmiss-train's demo: prompt tokens masked, batch 16), with AdamW and a cosine
+schedule. Every method starts from the same learning-rate grid (--lrs). While a method's best rate
+(held-out accuracy, then last-5 loss) is the smallest or the largest it has tried, the grid grows by
+the next half-decade rate on that side (... 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2 ...), at most
+--max-widen rates per side; so each method may end with its own grid, and the report lists every
+rate each one tried and says whether its best lies inside that grid or, the cap reached, at an edge.
+Reported per run: the training loss curve, its mean over the last 5 steps, and held-out exact-match
+accuracy (64 problems, greedy). Writes results/bench_convergence.md and results/bench_convergence.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import random
 import statistics
 import sys
@@ -28,9 +34,10 @@ from qmiss import train  # noqa: E402
 
 METHODS = {"qmiss default r=64": qmiss_variant("default"), "qmiss bat r=64": qmiss_variant("bat"),
            "PEFT LoRA r=64": peft_lora_variant()}
+COLOURS = {"qmiss default r=64": "Blues", "qmiss bat r=64": "Oranges", "PEFT LoRA r=64": "Greens"}
 
 
-def batches(tokenizer, steps: int, batch_size: int, seed: int = 0) -> list[dict]:
+def batches(tokenizer, steps: int, batch_size: int, seed: int = 0) -> tuple[list[dict], train.DataArguments]:
     from transformers import DataCollatorForSeq2Seq
 
     data = train.DataArguments(prompt_template=train.DEMO_DEFAULTS["prompt_template"], model_max_length=128)
@@ -59,15 +66,37 @@ def run(base, build, lr: float, steps_data: list[dict], data, tokenizer, held_ou
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     seconds = time.perf_counter() - start
+    load = os.getloadavg()[0]
     accuracy = train.demo_accuracy(model, tokenizer, held_out, data)
-    return {"losses": losses, "accuracy": accuracy, "seconds": seconds}
+    return {"losses": losses, "accuracy": accuracy, "seconds": seconds, "load": load}
+
+
+def neighbour(lr: float, side: int) -> float:
+    """The next half-decade rate (1 or 3 times a power of ten) below lr (side -1) or above it (side +1)."""
+    e = math.floor(math.log10(lr))
+    ladder = [float(f"{m}e{p}") for p in range(e - 2, e + 3) for m in (1, 3)]
+    return max(r for r in ladder if r < lr * (1 - 1e-9)) if side < 0 else min(r for r in ladder if r > lr * (1 + 1e-9))
+
+
+def pick(results: dict, name: str) -> float:
+    """The method's best learning rate: held-out accuracy, then the lower last-5 loss."""
+    return max((lr for n, lr in results if n == name),
+               key=lambda lr: (results[(name, lr)]["accuracy"], -statistics.mean(results[(name, lr)]["losses"][-5:])))
+
+
+def edge(results: dict, name: str) -> str | None:
+    """'smallest' or 'largest' when the best rate sits at that end of the rates tried, else None (interior)."""
+    tried, best = sorted(lr for n, lr in results if n == name), pick(results, name)
+    return "smallest" if best == tried[0] else "largest" if best == tried[-1] else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning-rate grid, the same for every method")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="starting learning-rate grid, every method's")
+    parser.add_argument("--max-widen", type=int, default=4,
+                        help="most rates added on each side of a method's grid while its best rate is at that edge")
     parser.add_argument("--eval", type=int, default=64, help="held-out problems")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_convergence.md"))
     args = parser.parse_args()
@@ -75,7 +104,7 @@ def main() -> None:
 
     from qmiss.smollm import smollm2_path
 
-    lrs = [float(v) for v in args.lrs.split(",")]
+    lrs = sorted(float(v) for v in args.lrs.split(","))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     steps_data, data = batches(tokenizer, args.steps, args.batch)
     held_out = train.arithmetic_problems(args.eval, seed=1)
@@ -85,49 +114,85 @@ def main() -> None:
     report.add(f"## bench_convergence: `python {' '.join(sys.argv)}`\n")
     report.add(f"SmolLM2-135M-Instruct, 4-bit nf4 (double quant), fp32 compute on {torch.get_num_threads()} CPU "
                f"threads; built-in arithmetic task, {args.steps} steps × batch {args.batch}, AdamW + cosine "
-               f"schedule (10% warmup), learning rates {lrs} for every method; held-out: {args.eval} problems "
-               f"(they share the task's arithmetic facts with training); {time.strftime('%Y-%m-%d')}\n")
+               f"schedule (10% warmup); every method starts from learning rates {', '.join(f'{v:g}' for v in lrs)} "
+               f"and, while its best rate (held-out accuracy, then last-5 loss) is the smallest or largest it has "
+               f"tried, adds the next half-decade rate on that side, at most {args.max_widen} per side; held-out: "
+               f"{args.eval} problems (they share the task's arithmetic facts with training); "
+               f"{time.strftime('%Y-%m-%d')}\n")
     held_out_before = train.demo_accuracy(base, tokenizer, held_out, data)
-    results = {}
-    for name, build in METHODS.items():
-        for lr in lrs:
-            results[(name, lr)] = run(base, build, lr, steps_data, data, tokenizer, held_out)
-            r = results[(name, lr)]
-            print(f"{name} lr {lr:g}: last-5 loss {statistics.mean(r['losses'][-5:]):.3f}, "
-                  f"accuracy {r['accuracy']:.1%}, {r['seconds']:.0f} s", flush=True)
+    results, widened, started = {}, {name: {"smallest": 0, "largest": 0} for name in METHODS}, time.perf_counter()
 
+    def measure(name: str, lr: float) -> None:
+        r = results[(name, lr)] = run(base, METHODS[name], lr, steps_data, data, tokenizer, held_out)
+        print(f"{name} lr {lr:g}: last-5 loss {statistics.mean(r['losses'][-5:]):.3f}, "
+              f"accuracy {r['accuracy']:.1%}, {r['seconds']:.0f} s", flush=True)
+
+    for name in METHODS:
+        for lr in lrs:
+            measure(name, lr)
+        while (side := edge(results, name)) and widened[name][side] < args.max_widen:
+            tried = sorted(lr for n, lr in results if n == name)
+            lr = neighbour(tried[0], -1) if side == "smallest" else neighbour(tried[-1], +1)
+            widened[name][side] += 1
+            print(f"{name}: best lr {pick(results, name):g} is the {side} tried, adding {lr:g}", flush=True)
+            measure(name, lr)
+    minutes = (time.perf_counter() - started) / 60
+
+    loads = [r["load"] for r in results.values()]
     lines = [f"held-out accuracy of the base model: {held_out_before:.1%}", "",
              "| method | lr | loss, steps 1–5 | loss, last 5 | held-out accuracy | train s |",
              "|---|---:|---:|---:|---:|---:|"]
-    for (name, lr), r in results.items():
-        lines.append(f"| {name} | {lr:g} | {statistics.mean(r['losses'][:5]):.3f} | "
-                     f"{statistics.mean(r['losses'][-5:]):.3f} | {r['accuracy']:.1%} | {r['seconds']:.0f} |")
-    best = {name: max((k for k in results if k[0] == name),
-                      key=lambda k: (results[k]["accuracy"], -statistics.mean(results[k]["losses"][-5:])))
-            for name in METHODS}
-    lines += ["", "Best learning rate per method (held-out accuracy, then last-5 loss), and the first step "
-                  "whose loss (mean of 5 around it) falls under half of the initial loss:", "",
-              "| method | best lr | held-out accuracy | loss, last 5 | steps to half the initial loss |",
-              "|---|---:|---:|---:|---:|"]
-    for name, key in best.items():
-        losses = results[key]["losses"]
+    for name in METHODS:
+        for lr in sorted(lr for n, lr in results if n == name):
+            r = results[(name, lr)]
+            lines.append(f"| {name} | {lr:g} | {statistics.mean(r['losses'][:5]):.3f} | "
+                         f"{statistics.mean(r['losses'][-5:]):.3f} | {r['accuracy']:.1%} | {r['seconds']:.0f} |")
+    lines += ["", f"train s: wall seconds of the {args.steps} training steps (evaluation excluded). The 1-minute load "
+                  f"average at the end of the runs ranged {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPU "
+                  f"cores, so these times carry whatever else ran on the machine: a rough cost, not a speed "
+                  f"comparison (bench_compare is one). {len(results)} runs, {minutes:.0f} min in all."]
+    best = {name: pick(results, name) for name in METHODS}
+    lines += ["", "Best learning rate per method (held-out accuracy, then last-5 loss), every rate it tried, whether "
+                  "the best lies inside them, and the first step whose loss (mean of 5 around it) falls under half "
+                  "of the initial loss:", "",
+              "| method | rates tried | best lr | best inside the grid | held-out accuracy | loss, last 5 | "
+              "steps to half the initial loss |",
+              "|---|---|---:|---|---:|---:|---:|"]
+    for name, lr in best.items():
+        losses = results[(name, lr)]["losses"]
         start = statistics.mean(losses[:3])
         smooth = [statistics.mean(losses[max(0, i - 2):i + 3]) for i in range(len(losses))]
         half = next((i + 1 for i, v in enumerate(smooth) if v < start / 2), None)
-        lines.append(f"| {name} | {key[1]:g} | {results[key]['accuracy']:.1%} | "
+        side = edge(results, name)
+        inside = "yes" if side is None else f"**no**: the {side} tried"
+        tried = ", ".join(f"{v:g}" for v in sorted(v for n, v in results if n == name))
+        lines.append(f"| {name} | {tried} | {lr:g} | {inside} | {results[(name, lr)]['accuracy']:.1%} | "
                      f"{statistics.mean(losses[-5:]):.3f} | {half if half else 'not reached'} |")
+    at_edge = {name: side for name in METHODS if (side := edge(results, name))}
+    for name, side in at_edge.items():
+        lines += ["", f"{name}: the optimum lies at an edge. Its best rate, {best[name]:g}, is the {side} it tried, "
+                      f"after {widened[name][side]} added on that side (--max-widen {args.max_widen}); a better rate "
+                      f"may lie beyond it."]
+    if not at_edge:
+        lines += ["", "Every method's best learning rate lies inside the rates it tried: each has a worse rate on "
+                      "either side."]
     report.add("\n".join(lines) + "\n")
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, lr), r in results.items():
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=1.6 if best[name] == (name, lr) else 0.8,
-                ls="-" if best[name] == (name, lr) else ":", label=f"{name}, lr {lr:g} ({r['accuracy']:.0%})")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in METHODS:
+        tried = sorted(lr for n, lr in results if n == name)
+        cmap = plt.get_cmap(COLOURS.get(name, "Greys"))
+        for i, lr in enumerate(tried):
+            r, top = results[(name, lr)], best[name] == lr
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=cmap(0.35 + 0.6 * i / max(1, len(tried) - 1)),
+                    lw=1.8 if top else 0.9, ls="-" if top else ":", label=f"{name}, lr {lr:g} ({r['accuracy']:.0%})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M 4-bit, arithmetic task: MiSS vs LoRA (held-out accuracy in brackets)")
-    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M 4-bit, arithmetic task: MiSS vs LoRA (held-out accuracy in brackets)\n"
+                 "darker: higher learning rate; solid: each method's best", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     png = Path(args.out).with_suffix(".png")
     fig.savefig(png, dpi=110)
