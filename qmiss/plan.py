@@ -134,9 +134,9 @@ def load_hf_config(config, what: str = "config"):
                                        "config.json file")
             return AutoConfig.from_pretrained(str(path))
         return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _config_from_json(path)
+    except InputError:
+        raise
     except (OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
         raise InputError(f"{what} {name}: not a readable transformers config ({exc})") from exc
 
 
