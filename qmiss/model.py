@@ -13,6 +13,8 @@ from qmiss import hf, quant
 from qmiss.config import QMissConfig, mode_from_init_weights
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import MissLinear
+from qmiss.loss import attach_chunked_loss, check_model as check_chunked_loss
+from qmiss.offload import attach_host_embeddings, attach_offload, check_host_embeddings
 
 AUTO = "auto"
 
@@ -180,23 +182,38 @@ def _resolve_storage(
     return quant_storage if quant_storage.is_floating_point else None
 
 
-def _upcast_for_kbit_training(model: nn.Module) -> None:
+def _upcast_for_kbit_training(model: nn.Module, head: bool = True) -> None:
     """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them
     (``prepare_qmiss(fp32_norms=True)``).
 
     An fp32 norm returns fp32 (transformers' RMSNorm multiplies by its weight last), so the
     head must be fp32 too, and with a 16-bit model every decoder layer after the first then
     receives an fp32 residual stream: twice the activation bytes. The input embeddings (a
-    lookup) keep their dtype.
+    lookup) keep their dtype. ``head=False`` (the chunked loss) leaves the head as it is.
     """
     modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
-    head = _output_head(model)
-    if head is not None and not isinstance(head, MissLinear) and quant.quant_bits(head) is None:
-        modules.append(head)
+    output = _output_head(model) if head else None
+    if output is not None and not isinstance(output, MissLinear) and quant.quant_bits(output) is None:
+        modules.append(output)
     for module in modules:
         for param in module.parameters(recurse=False):
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
+
+
+def _head_in_compute_dtype(model: nn.Module, compute_dtype: Optional[torch.dtype]) -> None:
+    """With the chunked loss the head's matmul runs in the compute dtype and only each chunk's
+    softmax in fp32, so an fp32 head (not tied to the embeddings) is cast to a 16-bit compute dtype:
+    half its bytes, and no 16-bit copy made by autocast on every step."""
+    head = _output_head(model)
+    if compute_dtype not in (torch.bfloat16, torch.float16) or head is None or isinstance(head, MissLinear):
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is getattr(head, "weight", None):
+        return
+    for param in head.parameters(recurse=False):
+        if param.dtype == torch.float32:
+            param.data = param.data.to(compute_dtype)
 
 
 def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
@@ -245,6 +262,10 @@ def prepare_qmiss(
     init_weights: Union[bool, str, None] = None,
     quant_storage: Optional[torch.dtype] = None,
     fp32_norms: bool = False,
+    chunked_loss: bool = False,
+    loss_chunk_bytes: int = 64 * 2**20,
+    offload_activations: bool = False,
+    embeddings_on_host: bool = False,
 ) -> nn.Module:
     """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
 
@@ -281,6 +302,18 @@ def prepare_qmiss(
             everything frozen keeps the dtype the model was loaded in, so a bf16 model's residual
             stream stays bf16 from end to end (transformers computes the loss in fp32 either way).
             With it on, a 16-bit model's stream turns fp32 after the first norm.
+        chunked_loss: in training mode, ``model(..., labels=...)`` returns transformers' causal-LM
+            loss computed chunk by chunk of tokens (:mod:`qmiss.loss`) and ``logits=None``: the
+            (tokens × vocabulary) logits and their gradient never exist. Evaluation, generation and
+            calls without labels are unchanged. The output head then stays in the compute dtype
+            (not upcast by ``fp32_norms``; an fp32 head is cast to a 16-bit ``compute_dtype``).
+        loss_chunk_bytes: byte budget of one chunk of the chunked loss's logits and gradient.
+        offload_activations: in training, what autograd saves outside the checkpointed layers
+            (chiefly each layer's input) waits in pinned host memory until backward
+            (:mod:`qmiss.offload`). A no-op for tensors already on the CPU.
+        embeddings_on_host: the input embedding table stays in host memory and each batch's rows
+            are looked up there and moved to the device of the token ids (:mod:`qmiss.offload`);
+            not for models that tie it to the output head.
 
     Returns:
         The same model object, with ``model.qmiss_config`` set, and set up for transformers and
@@ -319,6 +352,15 @@ def prepare_qmiss(
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     targets = check_targets(model, config)
+    if chunked_loss:  # before any surgery: refuse a model whose loss it cannot stand in for
+        check_chunked_loss(model, loss_chunk_bytes)
+        adapted_head = sorted(_output_layer_names(model) & set(targets))
+        if adapted_head:
+            raise InputError(f"chunked_loss: the output head {adapted_head[0]} is in target_modules; the chunked "
+                             "loss needs a plain float head — exclude it (exclude_modules=['lm_head']) or pass "
+                             "chunked_loss=False")
+    if embeddings_on_host:
+        check_host_embeddings(model)
     config.bits = _resolve_bits(model, targets, bits)
     storage = _resolve_storage(model, targets, config.bits, quant_storage)
     modules = dict(model.named_modules())
@@ -330,7 +372,9 @@ def prepare_qmiss(
         if quant.is_linear(module):
             quant.prepare_for_adapter(module)
     if fp32_norms and config.bits is not None and storage is None:
-        _upcast_for_kbit_training(model)
+        _upcast_for_kbit_training(model, head=not chunked_loss)
+    if chunked_loss:
+        _head_in_compute_dtype(model, config.compute_dtype)
     for name in targets:
         base = modules[name]
         if config.bits is not None and quant.quant_bits(base) is None:
@@ -368,6 +412,12 @@ def prepare_qmiss(
         enable_input_grads()
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=False)
+    if offload_activations:  # registered first, so the chunked loss's own saved tensors stay on the device
+        attach_offload(model)
+    if chunked_loss:
+        attach_chunked_loss(model, loss_chunk_bytes)
+    if embeddings_on_host:
+        attach_host_embeddings(model)
     model.qmiss_config = config
     hf.attach(model)  # transformers' flags, save_pretrained and PEFT's methods: see qmiss/hf.py
     return model

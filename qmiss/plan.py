@@ -196,6 +196,10 @@ def plan_memory(
     double_quant: bool = True,
     bat_chunk_bytes: int = 64 * MiB,
     fp32_norms: bool = False,
+    chunked_loss: bool = False,
+    loss_chunk_bytes: int = 64 * MiB,
+    offload_activations: bool = False,
+    embeddings_on_host: bool = False,
 ) -> MemoryPlan:
     """Plan the memory of one training step of a qmiss model, without loading weights.
 
@@ -212,6 +216,13 @@ def plan_memory(
             default ``compute_dtype``.
         fp32_norms: as in :func:`qmiss.prepare_qmiss`: norms and head upcast to fp32, which also
             turns the residual stream fp32 after the first norm.
+        chunked_loss, loss_chunk_bytes: as in :func:`qmiss.prepare_qmiss`: the loss holds one chunk
+            of logits and gradient instead of three (tokens × vocabulary) fp32 tensors, and the head
+            stays in the compute dtype.
+        offload_activations: as in :func:`qmiss.prepare_qmiss`: what is saved outside the
+            checkpointed layers waits in host memory; one layer's worth is back on the GPU at a time.
+        embeddings_on_host: as in :func:`qmiss.prepare_qmiss`: the input embedding table is not on
+            the GPU (refused for tied embeddings, as there).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -223,7 +234,7 @@ def plan_memory(
     if optimizer not in OPTIMIZERS:
         raise InputError(f"{spelled('optimizer')}={optimizer!r} is not one the planner knows; use one of "
                          f"{sorted(OPTIMIZERS)}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r), ("loss_chunk_bytes", loss_chunk_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise InputError(f"{spelled(name)}={value!r} must be a positive integer")
     qconfig = QMissConfig(r=r, mode=mode, mini_r=mini_r, bits=bits, target_modules=target_modules,
@@ -253,22 +264,34 @@ def plan_memory(
     upcast = set()
     if bits is not None and fp32_norms:  # QLoRA's habit, on request: norms and the head in fp32
         upcast = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
-        if head is not None:
+        if head is not None and not chunked_loss:  # the chunked loss keeps the head in the compute dtype
             upcast |= {id(p) for p in head.parameters()}
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    e_head = 4 if (head_ids & upcast) else e_base
+    if chunked_loss and not tied and e < 4:  # prepare_qmiss casts an fp32 head to a 16-bit compute dtype
+        e_head = min(e_head, e)
     seen, embed_head, norms, other = set(), 0, 0, 0
     for name, param in model.named_parameters(remove_duplicate=True):
         if id(param) in target_params or id(param) in seen:
             continue
         seen.add(id(param))
-        size = param.numel() * (4 if id(param) in upcast else e_base)
+        size = param.numel() * (e_head if id(param) in head_ids else 4 if id(param) in upcast else e_base)
         if "norm" in name:
             norms += size
         elif param.dim() == 2 and hf_config.vocab_size in param.shape:
             embed_head += size
         else:
             other += size
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    items["embeddings + lm_head" + (" (tied)" if tied else "")] = embed_head
+    embed_host = 0
+    if embeddings_on_host:
+        from qmiss.offload import check_host_embeddings
+
+        table = check_host_embeddings(model).weight
+        embed_host = table.numel() * e_base
+        items["lm_head (input embeddings on the host)"] = embed_head - embed_host
+    else:
+        items["embeddings + lm_head" + (" (tied)" if tied else "")] = embed_head
     items["norms and other unquantized"] = norms + other
 
     adapter_sizes = [_adapter_values(modules[n].out_features, r, mode, mini_r) for n in targets]
@@ -316,20 +339,31 @@ def plan_memory(
     grads = 4 * trainable
     embed_out = tokens * hidden * (e_stream if tied else e_base)  # a tied, upcast head upcasts the embeddings too
 
+    host = 0  # bytes waiting in host memory (offload_activations)
     if gradient_checkpointing:
         saved = n_layers * layer_input + embed_out
-        items["activations: checkpointed layer inputs"] = saved
+        if offload_activations:  # the layer inputs wait on the host; backward brings back one at a time
+            host, saved = saved, 0
+            items["activations: one checkpointed layer input (the rest on the host)"] = layer_input
+        else:
+            items["activations: checkpointed layer inputs"] = saved
         if bits == 8 and mode != "bat":
-            # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach: every layer's
-            # norm outputs, attention output and down_proj input stay alive until backward
+            # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach (and out of the
+            # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive
             held = n_layers * tokens * (2 * hidden * norm_e + (q_width + inter) * e)
             items["8-bit: matmul inputs kept past checkpointing"] = held
             saved += held
-        in_layer = saved + layer_acts  # while one layer is recomputed and differentiated
+        # while one layer is recomputed and differentiated
+        in_layer = saved + layer_acts + (layer_input if offload_activations else 0)
     else:
         saved = n_layers * layer_acts + embed_out
-        items["activations: all layers"] = saved
-        in_layer = saved
+        if offload_activations:  # every saved activation on the host; one layer's worth back at a time
+            host, saved = saved, 0
+            items["activations: one layer's (the rest on the host)"] = layer_acts
+            in_layer = layer_acts
+        else:
+            items["activations: all layers"] = saved
+            in_layer = saved
     # A layer's backward peaks either inside its MLP (the gradients of gate, up and their product) or where
     # a projection's input gradient is formed from its dequantized weight: bitsandbytes dequantizes the
     # whole weight for that (4-bit: in the compute dtype; 8-bit: in the input's dtype, fp32 after a norm),
@@ -348,11 +382,22 @@ def plan_memory(
     mlp_grads = tokens * e_act * (3 * inter + 2 * hidden)
     at_projection = weight_buffer + tokens * e_act * (inter + 2 * hidden)
     layer_phase = in_layer + max(mlp_grads, at_projection) + grads
-    items["logits + loss (fp32)"] = 3 * logits
-    loss_phase = saved + 3 * logits
-    if norm_e == 4 and e < 4 and head is not None:
+    if chunked_loss:
+        from qmiss.loss import chunk_bytes_per_token, chunk_tokens
+
+        softcap = getattr(hf_config, "final_logit_softcapping", None) is not None
+        rows = min(tokens, chunk_tokens(vocab, loss_chunk_bytes, e, softcap))
+        # one chunk's logits and gradient; the head's input (N, H), its copy in the matmul dtype, its gradient
+        chunk = rows * chunk_bytes_per_token(vocab, e, softcap)
+        loss_bytes = chunk + tokens * hidden * (e_stream + e + (e if e_stream != e else 0))
+        items[f"chunked loss: {rows}-token chunk of logits + gradient, hidden gradient"] = loss_bytes
+    else:
+        loss_bytes = 3 * logits
+        items["logits + loss (fp32)"] = loss_bytes
+    loss_phase = saved + loss_bytes
+    if e_head == 4 and e < 4 and head is not None:
         # under 16-bit autocast (a bf16 Trainer step) the fp32 head runs on a 16-bit copy of its weight,
-        # which autograd keeps for the head's backward
+        # which autograd keeps for the head's backward (the chunked loss only while its forward runs)
         items["autocast: 16-bit copy of the fp32 head"] = head.weight.numel() * e
         loss_phase += head.weight.numel() * e
     items["adapter gradients (fp32)"] = grads
@@ -364,8 +409,15 @@ def plan_memory(
              f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'})"]
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
+    if embeddings_on_host:
+        notes.append(f"input embeddings on the host: {embed_host / GiB:.2f} GiB of host memory")
+    if offload_activations:
+        notes.append(f"offloaded activations: {host / GiB:.2f} GiB of pinned host memory, copied over PCIe twice a "
+                     "step")
     settings = dict(bits=bits, mode=mode, r=r, batch=batch_size, seq=seq_len, checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, compute_dtype=str(compute_dtype).removeprefix("torch."))
+                    optimizer=optimizer, compute_dtype=str(compute_dtype).removeprefix("torch."),
+                    chunked_loss=chunked_loss, offload_activations=offload_activations,
+                    embeddings_on_host=embeddings_on_host)
     if mode == "mini":
         settings["mini_r"] = mini_r
     return MemoryPlan(
@@ -432,6 +484,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
     parser.add_argument("--optimizer", default="paged_adamw_8bit", help=f"one of {', '.join(sorted(OPTIMIZERS))}")
     parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--chunked-loss", action="store_true",
+                        help="the loss chunk by chunk of tokens, no full logits (qmiss-train's default)")
+    parser.add_argument("--loss-chunk-mib", type=int, default=64, help="chunked loss: MiB per chunk")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="checkpointed layer inputs wait in pinned host memory until backward")
+    parser.add_argument("--embeddings-on-host", action="store_true",
+                        help="the input embedding table stays in host memory (not for tied embeddings)")
     parser.add_argument("--gpu-gib", "--gpu-gb", dest="gpu_gib", type=float, default=None,
                         help="say whether it fits a card of this many GiB (an '8 GB' card has 8 GiB); exit status 1 "
                              "if not")
@@ -440,11 +499,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(also QMISS_DEBUG=1); without it an input error prints one line and exits with status 2")
     args = parser.parse_args(argv)
     try:
+        if args.loss_chunk_mib <= 0:
+            raise InputError(f"--loss-chunk-mib {args.loss_chunk_mib} must be a positive number of MiB, e.g. 64")
         with spelled_as(FLAGS):
             plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
                                mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
                                gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                               compute_dtype=DTYPES[args.compute_dtype])
+                               compute_dtype=DTYPES[args.compute_dtype], chunked_loss=args.chunked_loss,
+                               loss_chunk_bytes=args.loss_chunk_mib * MiB, offload_activations=args.offload_activations,
+                               embeddings_on_host=args.embeddings_on_host)
     except InputError as exc:
         if args.debug or debug_requested([]):
             raise

@@ -73,6 +73,16 @@ class ModelArguments:
     double_quant: bool = field(default=True, metadata={"help": "4-bit double quantization."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names; default all-linear."})
     miss_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (default/mini)."})
+    chunked_loss: bool = field(default=True, metadata={
+        "help": "Compute the training loss chunk by chunk of tokens, never the full logits (--chunked_loss false: "
+                "transformers' own loss)."})
+    loss_chunk_mib: int = field(default=64, metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
+    offload_activations: bool = field(default=False, metadata={
+        "help": "Keep the checkpointed layer inputs in pinned host memory until backward (a GPU-memory saving "
+                "for long sequences; a no-op on the CPU)."})
+    embeddings_on_host: bool = field(default=False, metadata={
+        "help": "Keep the input embedding table in host memory and move only each batch's rows to the GPU "
+                "(1 GiB less for Llama-3-8B; not for models with tied embeddings)."})
 
 
 @dataclass
@@ -199,7 +209,10 @@ def _qmiss_settings(model_args: ModelArguments) -> dict:
     bits = BITS[model_args.bits]
     settings = dict(r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mini_r=model_args.mini_r,
                     target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
-                    quant_type=model_args.quant_type, double_quant=model_args.double_quant)
+                    quant_type=model_args.quant_type, double_quant=model_args.double_quant,
+                    chunked_loss=model_args.chunked_loss, loss_chunk_bytes=model_args.loss_chunk_mib * 2**20,
+                    offload_activations=model_args.offload_activations,
+                    embeddings_on_host=model_args.embeddings_on_host)
     if model_args.mode is not None:
         return {**settings, "mode": model_args.mode}
     return {**settings, "mode": mode_from_init_weights(model_args.init_weights)}
@@ -213,20 +226,31 @@ def check_model_args(model_args: ModelArguments) -> str:
         InputError: a flag out of range, a model path that does not exist (at once, no hub request), a model
             that cannot be found, or shapes the settings do not fit; each names the flag as typed.
     """
+    from qmiss.loss import check_model as check_chunked_loss
     from qmiss.model import check_targets
+    from qmiss.offload import check_host_embeddings
     from qmiss.plan import load_hf_config, meta_model
 
     if model_args.bits not in BITS:
         raise InputError(f"--bits {model_args.bits!r} is not one of {list(BITS)}")
+    if model_args.loss_chunk_mib <= 0:
+        raise InputError(f"--loss_chunk_mib {model_args.loss_chunk_mib} must be a positive number of MiB, e.g. 64")
     name = model_args.base_model_name_or_path
     if name is not None:
         check_local_path(name, "--base_model_name_or_path")
     path = name or str(smollm2_path())
     with spelled_as(FLAGS):
         settings = _qmiss_settings(model_args)
+        loss_settings = {k: settings.pop(k) for k in ("chunked_loss", "loss_chunk_bytes", "offload_activations",
+                                                      "embeddings_on_host")}
         config = QMissConfig(**settings)
         hf_config = load_hf_config(path, what="--base_model_name_or_path")
-        check_targets(meta_model(hf_config), config)
+        meta = meta_model(hf_config)
+        check_targets(meta, config)
+        if loss_settings["chunked_loss"]:
+            check_chunked_loss(meta, loss_settings["loss_chunk_bytes"])
+        if loss_settings["embeddings_on_host"]:
+            check_host_embeddings(meta)
     return path
 
 
@@ -470,6 +494,7 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
         "seconds": round(time.time() - start, 1), "peak_memory_mb": round(_peak_memory_mb(on_cuda), 1),
         "peak_memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
         "accuracy_before": before, "accuracy_after": after, "adapter": str(train_args.output_dir),
+        "chunked_loss": getattr(model, "qmiss_chunked_loss", None) is not None,
     }
     out = Path(train_args.output_dir)
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, rank 0 writes and reports

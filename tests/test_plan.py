@@ -62,15 +62,16 @@ def _measured(model, batch, seq: int, vocab: int, autocast: bool = False) -> int
 
 
 def _check(config, model, bits: int, mode: str, checkpointing: bool, dtype: torch.dtype = torch.float32,
-           batch: int = 2, seq: int = 256, fp32_norms: bool = False) -> None:
-    """Plan against measurement. ``dtype`` bf16 is the GPU's flow: a bf16 model, bf16 compute, bf16 autocast."""
+           batch: int = 2, seq: int = 256, fp32_norms: bool = False, **long_context) -> None:
+    """Plan against measurement. ``dtype`` bf16 is the GPU's flow: a bf16 model, bf16 compute, bf16 autocast.
+    ``long_context``: chunked_loss, loss_chunk_bytes, offload_activations, for both."""
     model = qmiss.prepare_qmiss(model.to(dtype), r=64, bits=bits, mode=mode, gradient_checkpointing=checkpointing,
-                                compute_dtype=dtype, fp32_norms=fp32_norms)
+                                compute_dtype=dtype, fp32_norms=fp32_norms, **long_context)
     model.train()
     measured = _measured(model, batch, seq, config.vocab_size, autocast=dtype == torch.bfloat16)
     plan = plan_memory(config, bits=bits, r=64, mode=mode, batch_size=batch, seq_len=seq,
                        gradient_checkpointing=checkpointing, optimizer="adamw", compute_dtype=dtype,
-                       fp32_norms=fp32_norms)
+                       fp32_norms=fp32_norms, **long_context)
     assert plan.trainable_parameters == qmiss.trainable_parameters(model, verbose=False)[0]
     ratio = plan.peak_bytes / measured
     assert abs(ratio - 1) <= TOLERANCE, f"planned {plan.peak_bytes / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
@@ -154,6 +155,34 @@ def test_plan_matches_measurement_in_the_bf16_flow_on_a_two_layer_llama2_7b_shap
 
     _check(_llama2_7b_config(2), copy.deepcopy(llama2_7b_two_layers), 4, "default", True, dtype=torch.bfloat16,
            batch=1, seq=16)
+
+
+def _big_vocabulary_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=65536, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                       attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module")
+def big_vocabulary_model():
+    """Vocabulary 65,536, hidden 256: the logits of 1,024 tokens (256 MiB in fp32) outweigh everything else."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(_big_vocabulary_config(), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-flow"])
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+def test_plan_matches_measurement_with_the_chunked_loss_on_a_big_vocabulary(big_vocabulary_model, dtype,
+                                                                              checkpointing: bool) -> None:
+    """1,024 tokens, the chunked loss at its default 64 MiB budget; the bf16 flow is a bf16 model under autocast."""
+    import copy
+
+    _check(_big_vocabulary_config(), copy.deepcopy(big_vocabulary_model), 4, "default", checkpointing, dtype=dtype,
+           batch=1, seq=1024, chunked_loss=True)
 
 
 def test_plan_command_prints_the_breakdown_and_the_card(tmp_path, smollm2_dir, capsys) -> None:

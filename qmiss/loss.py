@@ -1,0 +1,363 @@
+"""A causal LM's cross-entropy without its logits: the head and the loss, chunk by chunk of tokens.
+
+A 128k-token vocabulary makes the logits the largest tensor of a training step: 2,048 tokens of
+Llama-3 are 1 GiB of fp32 logits, and the loss's backward holds three tensors that size. Here the
+head's matmul, the fp32 log-softmax and the gradient run on one chunk of tokens at a time::
+
+    hidden (N, H) ─┬─ chunk 1 ─► h @ Wᵀ ─► fp32 logits (n, V) ─► lse, target ─► loss sum
+                   ├─ chunk 2 ─►  ...        (freed before the next chunk)
+                   └─ ...                    softmax − onehot ─► dh rows = g @ W   (dW += gᵀ h)
+
+Each chunk's gradient is formed in the forward pass while its logits exist, so the logits are
+computed once, as in the plain loss (recomputing them in backward would cost a third head matmul);
+backward only scales the stored (N, H) gradient by the incoming one. The full logits and their
+gradient never exist: a chunk holds ``chunk_tokens(...)`` rows, sized from a byte budget.
+
+The result is transformers' ``ForCausalLMLoss``: labels shifted left by one, ``ignore_index``
+(-100) skipped, the sum divided by the number of valid tokens or by ``num_items_in_batch``
+(gradient accumulation), and ``shift_labels`` taken as given. Logit scaling (Cohere, Granite) and
+final-logit softcapping (Gemma 2/3) are applied per chunk in fp32.
+
+:func:`attach_chunked_loss` (``prepare_qmiss(chunked_loss=True)``) makes a transformers model's
+training forward return this loss; evaluation and generation are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from qmiss.inputs import InputError
+
+MiB = 2**20
+#: default byte budget of one chunk's logits and their gradient.
+DEFAULT_CHUNK_BYTES = 64 * MiB
+
+
+def chunk_bytes_per_token(vocab: int, itemsize: int, softcap: bool = False) -> int:
+    """Bytes one token of a chunk holds at the chunk's peak.
+
+    One fp32 (n, V) buffer is reused in place for the logits, the softmax and the gradient; next
+    to it a 16-bit matmul has either its logits (before the copy) or its gradient (after) — never
+    both — and softcapping keeps an fp32 tanh for the derivative (freed before the gradient's cast).
+    """
+    base = 4 + (itemsize if itemsize < 4 else 0)
+    return vocab * (max(base, 8) if softcap else base)
+
+
+def chunk_tokens(vocab: int, budget_bytes: int, itemsize: int, softcap: bool = False) -> int:
+    """Tokens per chunk so that one chunk's logits and gradient fit ``budget_bytes`` (at least 1)."""
+    return max(1, budget_bytes // chunk_bytes_per_token(vocab, itemsize, softcap))
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe: torch.Tensor,
+           valid: torch.Tensor, row_scale: torch.Tensor, scale: float, softcap: Optional[float],
+           want_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One chunk: the loss summed over its valid rows, and d loss / d logits (n, V) in the matmul dtype.
+
+    One fp32 (n, V) buffer is reused in place for the logits, exp(z − max), the softmax and the
+    gradient; everything here is freed on return, before the next chunk's logits exist.
+    """
+    logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # (n, V) matmul dtype
+    z = logits.float()  # (n, V) fp32; the same tensor when the matmul ran in fp32
+    del logits
+    if scale != 1.0:
+        z.mul_(scale)
+    tanh = None
+    if softcap is not None:  # z ← cap·tanh(z / cap); tanh kept for the derivative 1 − tanh²
+        z.div_(softcap).tanh_()
+        tanh = z.clone() if want_grad else None
+        z.mul_(softcap)
+    target = z.gather(1, safe).squeeze(1)  # (n,)
+    peak = z.amax(dim=1, keepdim=True)  # (n, 1)
+    probs = z.sub_(peak).exp_()  # in place: exp(z − max)
+    norm = probs.sum(dim=1, keepdim=True)  # (n, 1)
+    loss_sum = ((peak.squeeze(1) + norm.squeeze(1).log() - target) * valid).sum()  # lse − target on valid rows
+    if not want_grad:
+        return loss_sum, None
+    # d loss / d z = (softmax − onehot) · row_scale, in place
+    probs.div_(norm).scatter_add_(1, safe, -valid[:, None].float())
+    probs.mul_(row_scale[:, None])
+    if tanh is not None:
+        probs.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # d cap·tanh(z/cap) / dz = 1 − tanh²
+        del tanh
+    if scale != 1.0:
+        probs.mul_(scale)
+    if weight.dtype != torch.float32 and weight.device.type == "cpu":
+        # CPU 16-bit GEMM: (n, V) @ (V, H) is ~40x slower from a row-major gradient than from a column-major
+        # one (8.3 s against 0.2 s at n=128, V=65,536, H=256 in bf16); the same bytes, laid out for it
+        return loss_sum, torch.empty(probs.shape[::-1], dtype=weight.dtype).copy_(probs.t()).t()
+    return loss_sum, probs.to(weight.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum of ``-log softmax(transform(h @ Wᵀ + b))[target]`` over valid rows, divided by ``denominator``.
+
+    Inputs: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) long with ``ignore_index``
+    rows skipped, denominator (a 0-d fp32 tensor), then plain numbers. All matmuls run in
+    ``weight.dtype`` (the caller casts); softmax and loss in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, denominator: torch.Tensor, ignore_index: int, scale: float,
+                softcap: Optional[float], rows: int) -> torch.Tensor:
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_db = bias is not None and ctx.needs_input_grad[2]
+        want_grad = want_dh or want_dw or want_db
+        n_tokens = hidden.shape[0]
+        valid = targets != ignore_index  # (N,)
+        safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) a real index on ignored rows; their loss is masked
+        # ignored rows get weight 0, not 0 * inf: a batch with no valid token has a nan loss (as transformers'), no nan grads
+        row_scale = torch.where(valid, 1.0 / denominator, torch.zeros((), device=hidden.device))  # (N,) fp32
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if want_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_db else None
+        for start in range(0, n_tokens, rows):
+            end = min(start + rows, n_tokens)
+            h = hidden[start:end]  # (n, H)
+            loss_sum, grad = _chunk(h, weight, bias, safe[start:end], valid[start:end], row_scale[start:end],
+                                    scale, softcap, want_grad)
+            total += loss_sum
+            if grad is None:
+                continue
+            if dh is not None:
+                torch.mm(grad, weight, out=dh[start:end])
+            if dw is not None:
+                dw.addmm_(grad.t().float(), h.float())
+            if db is not None:
+                db += grad.sum(dim=0, dtype=torch.float32)
+            del grad  # before the next chunk's logits
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        dh, dw, db = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_hidden = None if dh is None else dh * grad_loss.to(dh.dtype)
+        grad_weight = None if dw is None else (dw * grad_loss).to(weight_dtype)
+        grad_bias = None if db is None else (db * grad_loss).to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    num_items_in_batch: Union[torch.Tensor, int, None] = None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """transformers' causal-LM loss of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
+
+    Args:
+        hidden: (B, T, H) or (N, H) final hidden states (what the model's head receives).
+        weight: (V, H) head weight; bias: (V,) or None.
+        labels: (B, T) or (N,) token ids, ``ignore_index`` where no loss is wanted; shifted left
+            by one as transformers does (position t predicts label t+1). Give this or ``shift_labels``.
+        num_items_in_batch: divide the sum by this (transformers' gradient accumulation) instead
+            of by the number of valid tokens.
+        shift_labels: labels already aligned with ``hidden`` (not shifted again).
+        logit_scale: multiply the logits by this before the softmax (Cohere; Granite: 1/logits_scaling).
+        softcap: ``cap·tanh(logits/cap)`` before the softmax (Gemma 2/3's final_logit_softcapping).
+        chunk_bytes: byte budget of one chunk's logits and gradient (:func:`chunk_tokens`).
+
+    Returns:
+        A 0-d fp32 loss. Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would.
+
+    Raises:
+        ValueError: neither or both of labels/shift_labels, or shapes that do not line up.
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("chunked_cross_entropy: give labels (shifted here) or shift_labels (already shifted), "
+                         "exactly one of them")
+    if shift_labels is None:
+        targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (…, T) label t+1 at position t
+    else:
+        targets = shift_labels
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    targets = targets.reshape(-1).to(device=hidden2d.device, dtype=torch.long)  # (N,)
+    if targets.numel() != hidden2d.shape[0]:
+        raise ValueError(f"chunked_cross_entropy: {hidden2d.shape[0]} hidden rows but {targets.numel()} labels; "
+                         "hidden (B, T, H) and labels (B, T) must cover the same tokens")
+    device = hidden2d.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    hidden2d, weight = hidden2d.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if num_items_in_batch is None:
+        denominator = (targets != ignore_index).sum().float()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden2d.device).float()
+    rows = chunk_tokens(weight.shape[0], chunk_bytes, weight.element_size(), softcap is not None)
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(hidden2d, weight, bias, targets, denominator, ignore_index,
+                                        float(logit_scale), softcap, rows)
+
+
+# --- on a transformers model ------------------------------------------------------------------------------------
+
+#: an assignment statement to ``logits`` (PEP 8 spacing; ``logits=logits,`` keyword arguments do not match).
+_LOGITS_LINE = re.compile(r"^\s*logits = (.+?)\s*(#.*)?$", re.MULTILINE)
+
+
+def logit_transform(model: nn.Module) -> tuple[float, Optional[float]]:
+    """(scale, softcap) the model's forward applies to the head's output before its loss.
+
+    Reads the ``logits = ...`` statements of ``type(model).forward``: the head call, scaling by
+    ``logit_scale`` (Cohere) or ``logits_scaling`` (Granite), and ``final_logit_softcapping``
+    (Gemma 2/3) are understood; anything else is refused.
+
+    Raises:
+        InputError: the forward changes the logits in a way not reproduced here, naming the statement.
+    """
+    name = type(model).__name__
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    scale, softcap = 1.0, None
+    for match in _LOGITS_LINE.finditer(source):
+        rhs = match.group(1)
+        if "lm_head(" in rhs or "get_output_embeddings()(" in rhs:
+            continue
+        if "softcap" in rhs or rhs in ("torch.tanh(logits)", "logits.tanh()"):
+            softcap = getattr(config, "final_logit_softcapping", None)
+            if softcap is None:
+                softcap = getattr(model, "final_logit_softcapping", None)
+            continue
+        if "logit_scale" in rhs:
+            value = getattr(model, "logit_scale", None)
+            value = getattr(config, "logit_scale", None) if value is None else value
+            scale = scale * float(value if value is not None else 1.0)
+            continue
+        if "logits_scaling" in rhs:
+            value = float(config.logits_scaling)
+            scale = scale / value if "/" in rhs else scale * value
+            continue
+        raise InputError(f"chunked_loss: {name}.forward changes the logits after the head with "
+                         f"`logits = {rhs}`, which the chunked loss does not reproduce; pass chunked_loss=False "
+                         "(--chunked_loss false) for this model")
+    return scale, softcap
+
+
+def _is_causal_lm_loss(model: nn.Module) -> bool:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
+
+
+def check_model(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[nn.Module, float, Optional[float]]:
+    """The model's output head and its (scale, softcap), if the chunked loss can stand in for its loss.
+
+    Raises:
+        InputError: no float output head, a loss other than the causal-LM cross-entropy, a forward
+            that changes the logits in a way not reproduced (see :func:`logit_transform`), or a bad budget.
+    """
+    name = type(model).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise InputError(f"chunked_loss: {name} has no output head (get_output_embeddings() is None); "
+                         "it is for causal LMs — pass chunked_loss=False")
+    if not head.weight.is_floating_point() or type(head).__name__ == "MissLinear":
+        raise InputError(f"chunked_loss: {name}'s output head is {type(head).__name__} with "
+                         f"{head.weight.dtype} weights (quantized or adapted); the chunked loss needs a plain "
+                         "float head — leave the head out of target_modules, or pass chunked_loss=False")
+    if not _is_causal_lm_loss(model):
+        raise InputError(f"chunked_loss: {name} computes its loss with {getattr(model, 'loss_type', None)!r}, "
+                         "not the causal-LM cross-entropy; pass chunked_loss=False")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise InputError(f"chunked_loss: loss_chunk_bytes={chunk_bytes!r} must be a positive number of bytes")
+    return (head, *logit_transform(model))
+
+
+class ChunkedLoss:
+    """The hooks that turn a causal LM's training forward into one with the chunked loss.
+
+    - before the model's forward (training, ``labels`` given, not TRL's ``fused_lm_head`` call):
+      ``labels``/``shift_labels`` are taken out of the call, so transformers computes no loss;
+    - before the head: its input is kept and the head runs on zero positions, so no logits exist;
+    - after the model's forward: the loss is computed from the kept hidden states and set on the
+      output, with ``logits=None`` (plus a MoE router loss, as the model's forward would add).
+    """
+
+    def __init__(self, model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        head, self.scale, self.softcap = check_model(model, chunk_bytes)
+        self.head = head
+        self.chunk_bytes = chunk_bytes
+        self._call: Optional[dict[str, Any]] = None
+        self._hidden: Optional[torch.Tensor] = None
+        self.handles = [
+            model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True),
+            head.register_forward_pre_hook(self._before_head),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _before_model(self, model: nn.Module, args: tuple, kwargs: dict):
+        if (not model.training or self._call is not None or kwargs.get("fused_lm_head")
+                or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None)):
+            return None
+        self._call = {"labels": kwargs.pop("labels", None), "shift_labels": kwargs.pop("shift_labels", None),
+                      "num_items_in_batch": kwargs.get("num_items_in_batch")}
+        return args, kwargs
+
+    def _before_head(self, head: nn.Module, args: tuple):
+        if self._call is None or self._hidden is not None:
+            return None
+        self._hidden = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])  # the head runs on no position: (B, 0, V) logits
+
+    def _after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any):
+        call, hidden = self._call, self._hidden
+        self._call = self._hidden = None
+        if call is None or output is None:  # not ours, or the forward raised
+            return None
+        if hidden is None:
+            raise RuntimeError(f"chunked_loss: {type(model).__name__}'s forward never called its output head "
+                               f"({type(self.head).__name__}); pass chunked_loss=False for this model")
+        weight = self.head.weight
+        loss = chunked_cross_entropy(
+            hidden.to(weight.device), weight, call["labels"], getattr(self.head, "bias", None),
+            num_items_in_batch=call["num_items_in_batch"], shift_labels=call["shift_labels"],
+            logit_scale=self.scale, softcap=self.softcap, chunk_bytes=self.chunk_bytes)
+        aux = getattr(output, "aux_loss", None) if not isinstance(output, tuple) else None
+        if aux is not None:  # Mixtral-style forwards add the router loss only when they compute the loss
+            loss = loss + getattr(model, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
+        if isinstance(output, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
+            return (loss,) + tuple(output[1:])
+        fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
+        return type(output)(loss=loss, logits=None, **fields)
+
+
+def attach_chunked_loss(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ChunkedLoss:
+    """Make ``model(..., labels=...)`` in training mode return the chunked loss and ``logits=None``.
+
+    Evaluation (``model.eval()``), calls without labels, and TRL's own fused head
+    (``fused_lm_head=True``) run the model's forward unchanged. Labels must be passed by keyword,
+    as Trainer and TRL do. Undo with ``.remove()`` on the returned object.
+
+    Raises:
+        InputError: no float output head, a loss other than the causal-LM cross-entropy, or a
+            forward that changes the logits in a way not reproduced (see :func:`logit_transform`).
+    """
+    existing = getattr(model, "qmiss_chunked_loss", None)
+    if existing is not None:
+        existing.remove()
+    model.qmiss_chunked_loss = ChunkedLoss(model, chunk_bytes)
+    return model.qmiss_chunked_loss
