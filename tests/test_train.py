@@ -47,6 +47,7 @@ def test_train_writes_a_peft_adapter_and_resumes(tmp_path, tiny_model_dir: str, 
     summary = train.run(args(tiny_model_dir, jsonl, out, "--max_steps", "4", "--save_strategy", "steps",
                              "--save_steps", "2"))
     assert summary["steps"] == 4 and summary["trainable_params"] > 0
+    assert summary["chunked_loss"] is True  # qmiss-train's default: the loss without the full logits
     for folder in (out, out / "checkpoint-2"):
         names = {p.name for p in folder.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
@@ -74,7 +75,8 @@ def test_train_writes_a_peft_adapter_and_resumes(tmp_path, tiny_model_dir: str, 
     (["--dataset_split", "train[:abc]"], ValueError, "--dataset_split 'train\\[:abc\\]': Unrecognized instruction"),
     (["--bits", "3"], ValueError, "--bits '3' is not one of"),
     (["--mode", "bat", "--miss_r", "48"], ValueError, "not divisible by --miss_r=48"),
-], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes"])
+    (["--loss_chunk_mib", "0"], ValueError, "--loss_chunk_mib 0 must be a positive number of MiB"),
+], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes", "bad-loss-chunk"])
 def test_clear_errors(tmp_path, tiny_model_dir: str, jsonl: str, extra, error, match) -> None:
     with pytest.raises(error, match=match):
         train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "1", *extra))
@@ -116,7 +118,8 @@ def test_help_lists_the_reference_flags(capsys) -> None:
                  "--tf32", "--num_train_epochs", "--per_device_train_batch_size", "--gradient_accumulation_steps",
                  "--save_strategy", "--save_steps", "--save_total_limit", "--logging_steps", "--learning_rate",
                  "--weight_decay", "--warmup_ratio", "--report_to", "--gradient_checkpointing", "--optim",
-                 "--resume_from_checkpoint", "--chat_template"]:
+                 "--resume_from_checkpoint", "--chat_template", "--chunked_loss", "--loss_chunk_mib",
+                 "--offload_activations", "--embeddings_on_host"]:
         assert flag in text, flag
 
 
@@ -139,10 +142,12 @@ def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str) -> 
 
 
 def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
-    """The QLoRA recipe's optimizer and checkpointing (bitsandbytes falls back to non-paged on the CPU)."""
+    """The QLoRA recipe's optimizer and checkpointing (bitsandbytes falls back to non-paged on the CPU), with
+    transformers' own loss (--chunked_loss false) and the long-context switches (no-ops for a CPU's tensors)."""
     summary = train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "2", "--optim", "paged_adamw_8bit",
-                             "--gradient_checkpointing", "--mode", "bat"))
-    assert summary["steps"] == 2
+                             "--gradient_checkpointing", "--mode", "bat", "--chunked_loss", "false",
+                             "--offload_activations", "--embeddings_on_host"))
+    assert summary["steps"] == 2 and summary["chunked_loss"] is False
     assert qmiss.read_adapter(tmp_path)[0].mode == "bat"
 
 
