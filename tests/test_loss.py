@@ -311,19 +311,20 @@ def test_embeddings_on_host_give_the_same_step_and_stay_on_the_host() -> None:
 @pytest.mark.gpu
 def test_long_context_settings_on_a_gpu_in_bf16() -> None:
     """On CUDA: the table stays on the host after .cuda(), activations go to pinned memory, the loss matches."""
-    base = tiny_llama(vocab_size=4096, hidden_size=256, intermediate_size=512).to(torch.bfloat16)
+    base = tiny_llama(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                      max_position_embeddings=4096).to(torch.bfloat16)
     plain = qmiss.prepare_qmiss(copy.deepcopy(base).cuda(), r=16, bits=4, gradient_checkpointing=True).train()
     fitted = qmiss.prepare_qmiss(copy.deepcopy(base), r=16, bits=4, gradient_checkpointing=True, chunked_loss=True,
                                  offload_activations=True, embeddings_on_host=True).cuda().train()
     assert fitted.model.embed_tokens.weight.device.type == "cpu" and fitted.lm_head.weight.is_cuda
     inputs_ = {k: v.cuda() for k, v in batch(4096).items()}
-    inputs_["input_ids"] = inputs_["input_ids"].repeat(1, 64)[:, :1024]
+    inputs_["input_ids"] = inputs_["input_ids"].repeat(1, 100)[:, :2048]  # (2, 2048): 2 MiB layer inputs in bf16
     inputs_["attention_mask"] = torch.ones_like(inputs_["input_ids"])
     inputs_["labels"] = inputs_["input_ids"].clone()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want, got = plain(**inputs_).loss, fitted(**inputs_).loss
     assert abs(float(got) / float(want) - 1) <= 1e-2
-    assert fitted.qmiss_offload.offload.offloaded_bytes >= 2 * 1024 * 256 * 2  # the two layer inputs, bf16
+    assert fitted.qmiss_offload.offload.offloaded_bytes >= 2 * (2 * 2048 * 256 * 2)  # both layers' inputs
     got.backward()
     assert all(layer.miss_block.grad is not None for _, layer in qmiss.miss_layers(fitted))
 
