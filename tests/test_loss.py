@@ -108,6 +108,18 @@ def test_no_valid_token_gives_transformers_nan_loss_and_zero_gradients() -> None
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(loss, (h, w, b)))
 
 
+def test_torch_compile_traces_it_as_one_graph() -> None:
+    """No data-dependent shapes (ignored rows are masked, not removed), no .item(): fullgraph=True holds."""
+    h, w, b, labels = inputs()
+    labels[:, :5] = -100
+    compiled = torch.compile(lambda *a: chunked_cross_entropy(*a, chunk_bytes=10 * 97 * 4), backend="aot_eager",
+                             fullgraph=True)
+    got = compiled(h, w, labels, b)
+    want = chunked_cross_entropy(h, w, labels, b, chunk_bytes=10 * 97 * 4)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, r) for g, r in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(want, (h, w, b))))
+
+
 def test_the_logits_never_exist() -> None:
     """Live peak of loss + backward at 512 tokens × 8,192 vocabulary: the plain loss holds several fp32
     (tokens × vocab) tensors, 16 MiB each; the chunked one a 1 MiB chunk (128 tokens)."""
