@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import threading
 from typing import Any, Optional, Union
 
 import torch
@@ -55,9 +56,9 @@ def chunk_tokens(vocab: int, budget_bytes: int, itemsize: int, softcap: bool = F
 
 
 def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe: torch.Tensor,
-           valid: torch.Tensor, row_scale: torch.Tensor, scale: float, softcap: Optional[float],
+           valid: torch.Tensor, row_weight: torch.Tensor, scale: float, softcap: Optional[float],
            want_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One chunk: the loss summed over its valid rows, and d loss / d logits (n, V) in the matmul dtype.
+    """One chunk: the loss summed over its valid rows, and d (that sum) / d logits (n, V) in the matmul dtype.
 
     One fp32 (n, V) buffer is reused in place for the logits, exp(z − max), the softmax and the
     gradient; everything here is freed on return, before the next chunk's logits exist.
@@ -79,9 +80,9 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     loss_sum = ((peak.squeeze(1) + norm.squeeze(1).log() - target) * valid).sum()  # lse − target on valid rows
     if not want_grad:
         return loss_sum, None
-    # d loss / d z = (softmax − onehot) · row_scale, in place
+    # d loss / d z = (softmax − onehot) on valid rows, 0 on ignored ones, in place
     probs.div_(norm).scatter_add_(1, safe, -valid[:, None].float())
-    probs.mul_(row_scale[:, None])
+    probs.mul_(row_weight[:, None])
     if tanh is not None:
         probs.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # d cap·tanh(z/cap) / dz = 1 − tanh²
         del tanh
@@ -112,8 +113,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         n_tokens = hidden.shape[0]
         valid = targets != ignore_index  # (N,)
         safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) a real index on ignored rows; their loss is masked
-        # ignored rows get weight 0, not 0 * inf: a batch with no valid token has a nan loss (as transformers'), no nan grads
-        row_scale = torch.where(valid, 1.0 / denominator, torch.zeros((), device=hidden.device))  # (N,) fp32
+        # The gradient kept here is d(sum of losses)/d logits, unscaled: the 1/denominator and the incoming
+        # gradient (GradScaler's 65,536 under fp16) are applied together in fp32 in backward, so fp16 neither
+        # underflows on softmax/N nor overflows on the loss scale.
+        row_weight = valid.float()  # (N,) ignored rows count 0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if want_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
@@ -121,7 +124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_tokens, rows):
             end = min(start + rows, n_tokens)
             h = hidden[start:end]  # (n, H)
-            loss_sum, grad = _chunk(h, weight, bias, safe[start:end], valid[start:end], row_scale[start:end],
+            loss_sum, grad = _chunk(h, weight, bias, safe[start:end], valid[start:end], row_weight[start:end],
                                     scale, softcap, want_grad)
             total += loss_sum
             if grad is None:
@@ -133,17 +136,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             if db is not None:
                 db += grad.sum(dim=0, dtype=torch.float32)
             del grad  # before the next chunk's logits
-        ctx.save_for_backward(dh, dw, db)
+        ctx.save_for_backward(dh, dw, db, denominator)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total / denominator
+        return total / denominator  # no valid token: nan, as transformers' mean over none
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        dh, dw, db = ctx.saved_tensors
+        dh, dw, db, denominator = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        grad_hidden = None if dh is None else dh * grad_loss.to(dh.dtype)
-        grad_weight = None if dw is None else (dw * grad_loss).to(weight_dtype)
-        grad_bias = None if db is None else (db * grad_loss).to(bias_dtype)
+        # one fp32 factor; a 0-d fp32 operand keeps dh's dtype and is applied in fp32 (opmath) by the kernel.
+        # No valid token: the factor is 0, not inf, so the gradients are zeros rather than nan.
+        factor = torch.where(denominator > 0, grad_loss.float() / denominator, torch.zeros_like(denominator))
+        grad_hidden = None if dh is None else dh * factor
+        grad_weight = None if dw is None else (dw * factor).to(weight_dtype)
+        grad_bias = None if db is None else (db * factor).to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -166,10 +172,11 @@ def chunked_cross_entropy(
         hidden: (B, T, H) or (N, H) final hidden states (what the model's head receives).
         weight: (V, H) head weight; bias: (V,) or None.
         labels: (B, T) or (N,) token ids, ``ignore_index`` where no loss is wanted; shifted left
-            by one as transformers does (position t predicts label t+1). Give this or ``shift_labels``.
+            by one as transformers does (position t predicts label t+1).
         num_items_in_batch: divide the sum by this (transformers' gradient accumulation) instead
             of by the number of valid tokens.
-        shift_labels: labels already aligned with ``hidden`` (not shifted again).
+        shift_labels: labels already aligned with ``hidden`` (not shifted again); when given,
+            ``labels`` is ignored, as in transformers (context parallelism passes both).
         logit_scale: multiply the logits by this before the softmax (Cohere; Granite: 1/logits_scaling).
         softcap: ``cap·tanh(logits/cap)`` before the softmax (Gemma 2/3's final_logit_softcapping).
         chunk_bytes: byte budget of one chunk's logits and gradient (:func:`chunk_tokens`).
@@ -178,11 +185,10 @@ def chunked_cross_entropy(
         A 0-d fp32 loss. Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would.
 
     Raises:
-        ValueError: neither or both of labels/shift_labels, or shapes that do not line up.
+        ValueError: neither labels nor shift_labels, or shapes that do not line up.
     """
-    if (labels is None) == (shift_labels is None):
-        raise ValueError("chunked_cross_entropy: give labels (shifted here) or shift_labels (already shifted), "
-                         "exactly one of them")
+    if labels is None and shift_labels is None:
+        raise ValueError("chunked_cross_entropy: give labels (shifted here) or shift_labels (already shifted)")
     if shift_labels is None:
         targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (…, T) label t+1 at position t
     else:
@@ -226,7 +232,12 @@ def logit_transform(model: nn.Module) -> tuple[float, Optional[float]]:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     try:
         source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
+    except (OSError, TypeError):  # no source (a .pyc-only install): only a model that sets none of these passes
+        set_ = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                            "lm_head_multiplier") if getattr(config, k, None) is not None]
+        if set_:
+            raise InputError(f"chunked_loss: {name}'s config sets {set_} but the source of {name}.forward cannot "
+                             "be read to see how it applies them; pass chunked_loss=False for this model")
         source = ""
     scale, softcap = 1.0, None
     for match in _LOGITS_LINE.finditer(source):
@@ -297,8 +308,7 @@ class ChunkedLoss:
         head, self.scale, self.softcap = check_model(model, chunk_bytes)
         self.head = head
         self.chunk_bytes = chunk_bytes
-        self._call: Optional[dict[str, Any]] = None
-        self._hidden: Optional[torch.Tensor] = None
+        self._state = threading.local()  # per thread: nn.DataParallel runs replicas in threads
         self.handles = [
             model.register_forward_pre_hook(self._before_model, with_kwargs=True),
             model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True),
@@ -310,32 +320,42 @@ class ChunkedLoss:
             handle.remove()
 
     def _before_model(self, model: nn.Module, args: tuple, kwargs: dict):
-        if (not model.training or self._call is not None or kwargs.get("fused_lm_head")
+        state = self._state
+        if (not model.training or getattr(state, "call", None) is not None or kwargs.get("fused_lm_head")
                 or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None)):
             return None
-        self._call = {"labels": kwargs.pop("labels", None), "shift_labels": kwargs.pop("shift_labels", None),
+        state.call = {"labels": kwargs.pop("labels", None), "shift_labels": kwargs.pop("shift_labels", None),
                       "num_items_in_batch": kwargs.get("num_items_in_batch")}
+        state.head = None
         return args, kwargs
 
     def _before_head(self, head: nn.Module, args: tuple):
-        if self._call is None or self._hidden is not None:
+        state = self._state
+        if getattr(state, "call", None) is None or state.head is not None:
             return None
-        self._hidden = args[0]
-        return (args[0][..., :0, :],) + tuple(args[1:])  # the head runs on no position: (B, 0, V) logits
+        hidden = args[0]
+        # the head as called (a DataParallel replica's own) and the autocast it runs under: accelerate's
+        # autocast wraps model.forward, so it is on here but off again in the model's forward hook
+        device = hidden.device.type
+        state.head = (head, hidden, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return (hidden[..., :0, :],) + tuple(args[1:])  # the head runs on no position: (B, 0, V) logits
 
     def _after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any):
-        call, hidden = self._call, self._hidden
-        self._call = self._hidden = None
+        state = self._state
+        call, called = getattr(state, "call", None), getattr(state, "head", None)
+        state.call = state.head = None
         if call is None or output is None:  # not ours, or the forward raised
             return None
-        if hidden is None:
+        if called is None:
             raise RuntimeError(f"chunked_loss: {type(model).__name__}'s forward never called its output head "
                                f"({type(self.head).__name__}); pass chunked_loss=False for this model")
-        weight = self.head.weight
-        loss = chunked_cross_entropy(
-            hidden.to(weight.device), weight, call["labels"], getattr(self.head, "bias", None),
-            num_items_in_batch=call["num_items_in_batch"], shift_labels=call["shift_labels"],
-            logit_scale=self.scale, softcap=self.softcap, chunk_bytes=self.chunk_bytes)
+        head, hidden, autocast, autocast_dtype = called
+        weight = head.weight
+        with torch.autocast(weight.device.type, dtype=autocast_dtype, enabled=autocast):
+            loss = chunked_cross_entropy(
+                hidden.to(weight.device), weight, call["labels"], getattr(head, "bias", None),
+                num_items_in_batch=call["num_items_in_batch"], shift_labels=call["shift_labels"],
+                logit_scale=self.scale, softcap=self.softcap, chunk_bytes=self.chunk_bytes)
         aux = getattr(output, "aux_loss", None) if not isinstance(output, tuple) else None
         if aux is not None:  # Mixtral-style forwards add the router loss only when they compute the loss
             loss = loss + getattr(model, "router_aux_loss_coef", 0.0) * aux.to(loss.device)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -50,7 +51,9 @@ class ActivationOffload:
         self.min_bytes = min_bytes
         self.include_host = include_host
         self.offloaded_bytes = 0  # bytes moved by the current forward (reset by :meth:`reset`)
-        self._copies: dict[tuple, torch.Tensor] = {}  # one host copy per tensor (the rotary cos/sin go to every layer)
+        # one host copy per tensor object (the rotary cos/sin go to every layer): id -> (weak ref, version, copy).
+        # Keyed by the object, not its address: a freed block is soon another tensor of the same shape.
+        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def reset(self) -> None:
         """Start a new forward: forget which tensors were copied (the copies live on in autograd's graph)."""
@@ -62,13 +65,12 @@ class ActivationOffload:
                 or (tensor.device.type == "cpu" and not self.include_host)
                 or tensor.numel() * tensor.element_size() < self.min_bytes):
             return tensor
-        key = (tensor.data_ptr(), tensor.size(), tensor.stride(), tensor.dtype, tensor._version)
-        host = self._copies.get(key)
-        if host is None:
+        ref, version, host = self._copies.get(id(tensor), (None, None, None))
+        if ref is None or ref() is not tensor or version != tensor._version:
             pin = tensor.device.type == "cuda"
             host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
             host.copy_(tensor, non_blocking=pin)  # stream-ordered before anything reuses the device memory
-            self._copies[key] = host
+            self._copies[id(tensor)] = (weakref.ref(tensor), tensor._version, host)
             self.offloaded_bytes += host.numel() * host.element_size()
         return tensor.device, host
 
@@ -128,19 +130,25 @@ class HostEmbeddings:
     A 128k-token vocabulary makes the table 1 GiB in bf16 (Llama-3-8B), for a lookup of a few
     thousand rows per step. With ``prepare_qmiss(embeddings_on_host=True)`` the table lives on the
     CPU: a hook sends the token ids there and moves the looked-up rows (tokens × hidden) to the
-    device the ids came from. Moving the model (``.to("cuda")``, ``.cuda()``) keeps the table on
-    the host; a dtype cast still applies. The embedding is frozen, so its backward stops at the copy.
+    device of the output head. Moving the model (``.to("cuda")``, ``.cuda()``) keeps the table on
+    the host; a dtype cast still applies. The table is re-registered last among its siblings so that
+    ``model.device`` (the first parameter's) stays the GPU, and DDP is told to leave it alone. A
+    frozen table's backward stops at the device copy.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.embeddings = check_host_embeddings(model)
-        self._devices: list[torch.device] = []
+        self.anchor = model.get_output_embeddings()  # the rows go where the head is
         weight = self.embeddings.weight
         weight.data = weight.data.to("cpu")
         self.embeddings._apply = functools.partial(_dtype_only_apply, self.embeddings)
+        name = _move_to_the_end(model, self.embeddings)
+        # DDP: the frozen host table is neither broadcast nor reduced (NCCL cannot carry a host tensor)
+        ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.weight"]
         self.handles = [
             self.embeddings.register_forward_pre_hook(self._to_host),
-            self.embeddings.register_forward_hook(self._to_device, always_call=True),
+            self.embeddings.register_forward_hook(self._to_device),
         ]
 
     def remove(self) -> None:
@@ -148,16 +156,17 @@ class HostEmbeddings:
             handle.remove()
         self.embeddings.__dict__.pop("_apply", None)
 
-    def _to_host(self, module: nn.Module, args: tuple) -> tuple:
-        ids = args[0]
-        self._devices.append(ids.device)
-        return (ids.to("cpu"),) + tuple(args[1:])
+    @staticmethod
+    def _to_host(module: nn.Module, args: tuple) -> tuple:
+        return (args[0].to("cpu"),) + tuple(args[1:])
 
-    def _to_device(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-        device = self._devices.pop() if self._devices else None
-        if device is None or output is None:
-            return None
-        return output.to(device, non_blocking=output.is_pinned())
+    def _to_device(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        rows = output.to(self.anchor.weight.device)
+        if output.requires_grad and not module.weight.requires_grad:
+            # only marked so checkpointing sees a grad-requiring input (enable_input_require_grads): the
+            # gradient is not wanted on the host, so the graph starts at the device copy
+            rows = rows.detach().requires_grad_()
+        return rows
 
 
 def _dtype_only_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
@@ -170,6 +179,21 @@ def _dtype_only_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Mo
         if wanted != param.dtype:
             param.data = param.data.to(wanted)
     return module
+
+
+def _move_to_the_end(model: nn.Module, child: nn.Module) -> str:
+    """Re-register ``child`` last among its siblings; returns its name in ``model``.
+
+    transformers' ``model.device`` is the device of the first parameter, the input table's: kept
+    on the host it would send ``generate``'s inputs there. Last, the first parameter is a decoder
+    weight's again. Names and state-dict keys do not change, only their order.
+    """
+    for name, module in model.named_modules():
+        for child_name, sub in list(module._modules.items()):
+            if sub is child:
+                module._modules[child_name] = module._modules.pop(child_name)  # dicts keep insertion order
+                return f"{name}.{child_name}" if name else child_name
+    raise ValueError("the input embedding is not a submodule of the model")
 
 
 def check_host_embeddings(model: nn.Module) -> nn.Module:

@@ -94,9 +94,12 @@ def test_gradient_accumulation_with_num_items_in_batch_equals_one_big_batch() ->
 def test_shift_labels_are_taken_as_given() -> None:
     h, w, b, labels = inputs()
     shifted = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    assert torch.equal(chunked_cross_entropy(h, w, labels, b), chunked_cross_entropy(h, w, bias=b, shift_labels=shifted))
-    with pytest.raises(ValueError, match="exactly one of them"):
-        chunked_cross_entropy(h, w, labels, b, shift_labels=shifted)
+    want = chunked_cross_entropy(h, w, labels, b)
+    assert torch.equal(want, chunked_cross_entropy(h, w, bias=b, shift_labels=shifted))
+    # both given (transformers' context parallelism): shift_labels wins, as in ForCausalLMLoss
+    assert torch.equal(want, chunked_cross_entropy(h, w, labels.flip(1), b, shift_labels=shifted))
+    with pytest.raises(ValueError, match="give labels"):
+        chunked_cross_entropy(h, w, bias=b)
 
 
 def test_no_valid_token_gives_transformers_nan_loss_and_zero_gradients() -> None:
@@ -106,6 +109,21 @@ def test_no_valid_token_gives_transformers_nan_loss_and_zero_gradients() -> None
     loss = chunked_cross_entropy(h, w, labels, b)
     assert torch.isnan(loss)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(loss, (h, w, b)))
+
+
+def test_fp16_gradients_survive_gradscalers_loss_scale() -> None:
+    """fp16 with GradScaler's 65,536: the 1/N and the scale are applied together in fp32, so the stored fp16
+    gradient neither overflows (inf · dh) nor underflows (softmax / N); as accurate as transformers' fp16 path."""
+    h, w, _, labels = inputs(batch=4, seq=1024, hidden=32, vocab=2048)
+    exact = torch.autograd.grad(reference_loss(h.double(), w.double(), None, labels), h)[0]
+    errors = {}
+    for name, fn in (("chunked", lambda a, b: chunked_cross_entropy(a, b, labels)),
+                     ("transformers", lambda a, b: reference_loss(a, b, None, labels))):
+        h16 = h.detach().half().requires_grad_()
+        (fn(h16, w.detach().half()) * 65536.0).backward()
+        assert h16.grad.isfinite().all()
+        errors[name] = rel(h16.grad.double() / 65536.0, exact)
+    assert errors["chunked"] <= 2 * errors["transformers"] + 1e-3, errors
 
 
 def test_torch_compile_traces_it_as_one_graph() -> None:
@@ -215,6 +233,22 @@ def test_the_bf16_flow_keeps_the_head_in_bf16_and_the_loss_in_fp32() -> None:
         assert g.dtype == torch.float32 and rel(g, w) <= 0.1
 
 
+def test_autocast_inside_forward_reaches_the_loss(monkeypatch) -> None:
+    """accelerate puts autocast inside ``model.forward``; the loss hook runs after it, yet its matmuls run in
+    the autocast dtype the head saw, as transformers' head under the same autocast would."""
+    from qmiss.loss import LinearCrossEntropy
+
+    model = qmiss.prepare_qmiss(tiny_llama(vocab_size=300), r=16, bits=4, chunked_loss=True).train()
+    forward = model.forward
+    model.forward = lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(*a, **k)
+    seen = []
+    apply = LinearCrossEntropy.apply
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: seen.append(a[1].dtype) or apply(*a))
+    ids = batch(300)["input_ids"]
+    assert model(input_ids=ids, labels=ids).loss.dtype == torch.float32
+    assert seen == [torch.bfloat16] and model.lm_head.weight.dtype == torch.float32
+
+
 def test_an_fp32_head_is_cast_to_a_16bit_compute_dtype() -> None:
     model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, compute_dtype=torch.bfloat16, chunked_loss=True)
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -304,6 +338,28 @@ def test_offloaded_activations_round_trip_to_the_same_gradients() -> None:
         assert rel(g, w) <= 1e-5
 
 
+def test_an_offloaded_copy_is_never_handed_to_another_tensor_at_the_same_address() -> None:
+    """A freed block soon holds another tensor of the same shape; its packed copy must be its own."""
+    import numpy as np
+
+    from qmiss.offload import ActivationOffload
+
+    offload = ActivationOffload(min_bytes=0, include_host=True)
+    buffer = np.ones(1024, dtype=np.float32)
+    first = torch.from_numpy(buffer)
+    packed_first = offload.pack(first)
+    del first
+    buffer[:] = 2.0
+    second = torch.from_numpy(buffer)  # the same address, a new tensor
+    assert torch.equal(offload.unpack(offload.pack(second)), torch.full((1024,), 2.0))
+    assert torch.equal(offload.unpack(packed_first), torch.ones(1024))
+    shared = torch.randn(1024)  # the same tensor saved by two layers is copied once
+    offload.pack(shared)
+    before = offload.offloaded_bytes
+    offload.pack(shared)
+    assert offload.offloaded_bytes == before
+
+
 def test_embeddings_on_host_give_the_same_step_and_stay_on_the_host() -> None:
     plain, hosted = (qmiss.prepare_qmiss(tiny_llama(vocab_size=300), r=16, bits=4, chunked_loss=True,
                                          embeddings_on_host=flag).train() for flag in (False, True))
@@ -315,6 +371,9 @@ def test_embeddings_on_host_give_the_same_step_and_stay_on_the_host() -> None:
     want.backward()
     got.backward()
     assert all(torch.equal(g, w) for g, w in zip(adapter_grads(hosted), adapter_grads(plain)))
+    assert hosted.device == hosted.lm_head.weight.device  # model.device: a decoder weight's, not the host table's
+    assert "model.embed_tokens.weight" in hosted._ddp_params_and_buffers_to_ignore
+    assert set(hosted.state_dict()) == set(plain.state_dict())
     hosted.to(torch.bfloat16)  # a cast applies; a move would not
     assert hosted.model.embed_tokens.weight.dtype == torch.bfloat16
     assert hosted.model.embed_tokens.weight.device.type == "cpu"
