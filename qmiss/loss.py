@@ -58,7 +58,8 @@ def chunk_tokens(vocab: int, budget_bytes: int, itemsize: int, softcap: bool = F
 def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe: torch.Tensor,
            valid: torch.Tensor, row_weight: torch.Tensor, scale: float, softcap: Optional[float],
            want_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One chunk: the loss summed over its valid rows, and d (that sum) / d logits (n, V) in the matmul dtype.
+    """One chunk: the loss summed over its valid rows, and its gradient (n, V) in the matmul dtype, each row
+    weighted by ``row_weight``.
 
     One fp32 (n, V) buffer is reused in place for the logits, exp(z − max), the softmax and the
     gradient; everything here is freed on return, before the next chunk's logits exist.
@@ -80,7 +81,7 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     loss_sum = ((peak.squeeze(1) + norm.squeeze(1).log() - target) * valid).sum()  # lse − target on valid rows
     if not want_grad:
         return loss_sum, None
-    # d loss / d z = (softmax − onehot) on valid rows, 0 on ignored ones, in place
+    # d loss / d z = (softmax − onehot) · row weight (0 on ignored rows), in place
     probs.div_(norm).scatter_add_(1, safe, -valid[:, None].float())
     probs.mul_(row_weight[:, None])
     if tanh is not None:
@@ -113,10 +114,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         n_tokens = hidden.shape[0]
         valid = targets != ignore_index  # (N,)
         safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) a real index on ignored rows; their loss is masked
-        # The gradient kept here is d(sum of losses)/d logits, unscaled: the 1/denominator and the incoming
-        # gradient (GradScaler's 65,536 under fp16) are applied together in fp32 in backward, so fp16 neither
-        # underflows on softmax/N nor overflows on the loss scale.
-        row_weight = valid.float()  # (N,) ignored rows count 0
+        # bf16/fp32: the gradient kept here already carries 1/denominator, as transformers' does before its
+        # cast, and backward multiplies by the incoming gradient (exact when that is 1). fp16 has too little
+        # range for that: softmax/N underflows and GradScaler's 65,536 overflows, so there the gradient is
+        # kept unscaled and 1/denominator and the loss scale are applied together in fp32 in backward.
+        ctx.prescaled = weight.dtype != torch.float16
+        inverse = torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))  # none valid: 0
+        row_weight = valid.float() * (inverse if ctx.prescaled else 1.0)  # (N,) ignored rows count 0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if want_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
@@ -146,7 +150,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.dtypes
         # one fp32 factor; a 0-d fp32 operand keeps dh's dtype and is applied in fp32 (opmath) by the kernel.
         # No valid token: the factor is 0, not inf, so the gradients are zeros rather than nan.
-        factor = torch.where(denominator > 0, grad_loss.float() / denominator, torch.zeros_like(denominator))
+        factor = grad_loss.float()
+        if not ctx.prescaled:
+            factor = torch.where(denominator > 0, factor / denominator, torch.zeros_like(denominator))
         grad_hidden = None if dh is None else dh * factor
         grad_weight = None if dw is None else (dw * factor).to(weight_dtype)
         grad_bias = None if db is None else (db * factor).to(bias_dtype)
