@@ -107,13 +107,13 @@ def test_qmiss_train_two_processes(tmp_path, tiny_model_dir: str, jsonl: str, la
     assert state["epoch"] == pytest.approx(0.6)  # 3 steps × 2 ranks × 2 rows = 12 of 20 rows: both ranks trained
 
 
-def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str, chunked_loss: bool = False) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode, chunked_loss=chunked_loss)
     model.train()
     for layer in model.model.layers:  # FSDP2: each decoder layer its own unit, 4-bit weights sharded as uint8
         fully_shard(layer)
@@ -129,9 +129,10 @@ def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
 
 
 def test_fsdp2_two_ranks_match_one_process(tmp_path) -> None:
-    for mode in ["default", "bat"]:
+    """bat trains on the chunked loss there: its hook reads the head while FSDP2 has it unsharded."""
+    for mode, chunked_loss in [("default", False), ("bat", True)]:
         out = tmp_path / mode
-        mp.spawn(_fsdp_worker, args=(2, _free_port(), mode, str(out)), nprocs=2, join=True)
+        mp.spawn(_fsdp_worker, args=(2, _free_port(), mode, str(out), chunked_loss), nprocs=2, join=True)
         saved = qmiss.read_adapter(out)[1]
         torch.manual_seed(0)
         single = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
