@@ -136,6 +136,26 @@ def check_targets(model: nn.Module, config: QMissConfig) -> list[str]:
     return targets
 
 
+def check_long_context(model: nn.Module, targets: list[str], chunked_loss: bool, loss_chunk_bytes: int,
+                       embeddings_on_host: bool) -> None:
+    """Refuse, before any surgery, long-context settings the model cannot take (``model`` may be on
+    the meta device; ``targets`` as :func:`check_targets` returns them).
+
+    Raises:
+        InputError: a model whose loss the chunked loss cannot stand in for, an output head among the
+            targets, a bad chunk budget, or an input table that cannot stay on the host.
+    """
+    if chunked_loss:
+        check_chunked_loss(model, loss_chunk_bytes)
+        adapted_head = sorted(_output_layer_names(model) & set(targets))
+        if adapted_head:
+            raise InputError(f"chunked_loss: the output head {adapted_head[0]} is in target_modules; the chunked "
+                             "loss needs a plain float head — exclude it (exclude_modules=['lm_head']) or pass "
+                             "chunked_loss=False")
+    if embeddings_on_host:
+        check_host_embeddings(model)
+
+
 def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, None]) -> Optional[int]:
     """The bits to use: the loaded quantization if any, else ``bits`` (4 for "auto").
 
@@ -352,15 +372,7 @@ def prepare_qmiss(
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     targets = check_targets(model, config)
-    if chunked_loss:  # before any surgery: refuse a model whose loss it cannot stand in for
-        check_chunked_loss(model, loss_chunk_bytes)
-        adapted_head = sorted(_output_layer_names(model) & set(targets))
-        if adapted_head:
-            raise InputError(f"chunked_loss: the output head {adapted_head[0]} is in target_modules; the chunked "
-                             "loss needs a plain float head — exclude it (exclude_modules=['lm_head']) or pass "
-                             "chunked_loss=False")
-    if embeddings_on_host:
-        check_host_embeddings(model)
+    check_long_context(model, targets, chunked_loss, loss_chunk_bytes, embeddings_on_host)
     config.bits = _resolve_bits(model, targets, bits)
     storage = _resolve_storage(model, targets, config.bits, quant_storage)
     modules = dict(model.named_modules())

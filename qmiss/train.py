@@ -226,9 +226,7 @@ def check_model_args(model_args: ModelArguments) -> str:
         InputError: a flag out of range, a model path that does not exist (at once, no hub request), a model
             that cannot be found, or shapes the settings do not fit; each names the flag as typed.
     """
-    from qmiss.loss import check_model as check_chunked_loss
-    from qmiss.model import check_targets
-    from qmiss.offload import check_host_embeddings
+    from qmiss.model import check_long_context, check_targets
     from qmiss.plan import load_hf_config, meta_model
 
     if model_args.bits not in BITS:
@@ -241,16 +239,12 @@ def check_model_args(model_args: ModelArguments) -> str:
     path = name or str(smollm2_path())
     with spelled_as(FLAGS):
         settings = _qmiss_settings(model_args)
-        loss_settings = {k: settings.pop(k) for k in ("chunked_loss", "loss_chunk_bytes", "offload_activations",
-                                                      "embeddings_on_host")}
+        loss_settings = {k: settings.pop(k) for k in ("chunked_loss", "loss_chunk_bytes", "embeddings_on_host")}
+        settings.pop("offload_activations")  # nothing about the model to check
         config = QMissConfig(**settings)
         hf_config = load_hf_config(path, what="--base_model_name_or_path")
         meta = meta_model(hf_config)
-        check_targets(meta, config)
-        if loss_settings["chunked_loss"]:
-            check_chunked_loss(meta, loss_settings["loss_chunk_bytes"])
-        if loss_settings["embeddings_on_host"]:
-            check_host_embeddings(meta)
+        check_long_context(meta, check_targets(meta, config), **loss_settings)
     return path
 
 
