@@ -1,5 +1,5 @@
 """The chunked linear cross-entropy against transformers' loss, on its own and inside a model; the
-activation offload and the host-kept embedding table; Trainer and TRL's SFTTrainer with the chunked loss."""
+activation offload and the host-kept embedding table; Trainer with the chunked loss (TRL's SFTTrainer: test_train.py)."""
 
 from __future__ import annotations
 
@@ -432,29 +432,3 @@ def test_trainer_with_the_chunked_loss_takes_the_same_steps(tmp_path, tiny_model
     assert len(losses[True]) == 3
     for got, want in zip(losses[True], losses[False]):
         assert abs(got / want - 1) <= 1e-4
-
-
-def test_trl_sft_trainer_with_the_chunked_loss(tmp_path, tiny_model_dir: str) -> None:
-    """TRL's SFTTrainer computes its loss and metrics with its own fused LM head (``fused_lm_head=True``), per
-    chunk; the chunked loss steps aside for that call and the training forward holds no logits either way."""
-    trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qmiss import train
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4,
-                                chunked_loss=True)
-    start = {n: layer.miss_block.detach().clone() for n, layer in qmiss.miss_layers(model)}
-    rows = [{"prompt": r["query"], "completion": " " + r["response"]} for r in train.arithmetic_problems(16, 0)]
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
-                           report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)
-    trainer.train()
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logged) == 2 and all(h["loss"] > 0 and "mean_token_accuracy" in h for h in logged)
-    assert all(not torch.equal(start[n], layer.miss_block) for n, layer in qmiss.miss_layers(model))
-    trainer.save_model()
-    assert (tmp_path / "adapter_model.safetensors").is_file()

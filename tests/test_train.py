@@ -123,22 +123,31 @@ def test_help_lists_the_reference_flags(capsys) -> None:
         assert flag in text, flag
 
 
-def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str) -> None:
+@pytest.mark.parametrize("chunked_loss,steps", [(False, 3), (True, 2)], ids=["plain-loss", "chunked-loss"])
+def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str, chunked_loss: bool, steps: int) -> None:
+    """With the chunked loss too: TRL computes its loss and metrics with its own fused LM head, per chunk
+    (``fused_lm_head=True``); the chunked loss steps aside for that call."""
     trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4)
+    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4,
+                                chunked_loss=chunked_loss)
     start = {n: layer.miss_block.detach().clone() for n, layer in qmiss.miss_layers(model)}
     rows = [{"prompt": r["query"], "completion": " " + r["response"]} for r in train.arithmetic_problems(16, 0)]
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-                           report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                           learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)
     trainer.train()
-    assert trainer.state.global_step == 3
+    assert trainer.state.global_step == steps
     assert all(not torch.equal(start[n], layer.miss_block) for n, layer in qmiss.miss_layers(model))
+    if chunked_loss:
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 2 and all(h["loss"] > 0 and "mean_token_accuracy" in h for h in logged)
+        trainer.save_model()
+        assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
 def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
