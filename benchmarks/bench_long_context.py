@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_plan import configs as plan_configs, smallest_card  # noqa: E402
 from benchmarks.common import Report, machine_line, pyplot, timed  # noqa: E402
 import qmiss  # noqa: E402
-from qmiss.loss import chunk_tokens, chunked_cross_entropy  # noqa: E402
+from qmiss.loss import chunked_cross_entropy  # noqa: E402
 from qmiss.memory import measure_peak, resident_bytes  # noqa: E402
-from qmiss.plan import CARDS_GIB, CUDA_CONTEXT_BYTES, GiB, MiB, plan_memory  # noqa: E402
+from qmiss.plan import CUDA_CONTEXT_BYTES, GiB, MiB, plan_memory  # noqa: E402
 
 HIDDEN = 256
 STEP_POINTS = [(32768, 1024), (32768, 4096), (65536, 1024), (128256, 1024), (128256, 4096)]
@@ -138,8 +139,7 @@ def steps(report: Report, points, repeats: int) -> list[dict]:
             for chunked in (False, True):
                 times[chunked].append(timed(fns[chunked]))
         row = {"vocab": vocab, "tokens": tokens, "peak_plain": peaks[False], "peak_chunked": peaks[True],
-               "time_plain": statistics.median(times[False]), "time_chunked": statistics.median(times[True]),
-               "resident": resident_bytes(models[True]), "rows": chunk_tokens(vocab, 64 * MiB, 4)}
+               "time_plain": statistics.median(times[False]), "time_chunked": statistics.median(times[True])}
         rows.append(row)
         print(f"vocab {vocab} × {tokens}: peak {row['peak_chunked'] / MiB:.0f} / {row['peak_plain'] / MiB:.0f} MiB, "
               f"time {row['time_chunked']:.2f} / {row['time_plain']:.2f} s", flush=True)
@@ -189,8 +189,6 @@ def head_dtype(report: Report) -> None:
 
 
 def configs():
-    from benchmarks.bench_plan import configs as plan_configs
-
     names = {"Llama-3-8B shape": "Llama-3-8B", "Llama-2-7B": "Llama-2-7B"}
     return {names[k]: v for k, v in plan_configs().items()}
 
@@ -204,8 +202,7 @@ def planner(report: Report) -> dict:
             for variant, kwargs in VARIANTS.items():
                 plan = plan_memory(config, bits=4, r=64, mode="default", seq_len=seq, **kwargs)
                 curves.setdefault((name, variant), []).append(plan.peak_bytes / GiB)
-                fits = [gib for gib, ok in plan.cards().items() if ok]
-                cells.append(f"{plan.peak_bytes / GiB:.2f} ({f'{fits[0]} GiB' if fits else f'> {CARDS_GIB[-1]} GiB'})")
+                cells.append(f"{plan.peak_bytes / GiB:.2f} ({smallest_card(plan)})")
             lines.append(f"| 1×{seq:,} | " + " | ".join(cells) + " |")
         report.add(f"**{name}** — planned peak in GiB (smallest card that holds it with "
                    f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB of CUDA context)\n\n" + "\n".join(lines) + "\n")
