@@ -23,12 +23,51 @@ Layouts (bitsandbytes ≥ 0.46):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from typing import Callable, Optional
+import sys
+from typing import Callable, Iterator, Optional
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def _bitsandbytes_own_cpu_kernels() -> Iterator[None]:
+    """Around bitsandbytes' import: no hub request, and no warning about not making one.
+
+    bitsandbytes 0.50 (``backends/cpu/ops.py``), on a CPU with AVX512-BF16, asks the model hub at import
+    time for a fused 4-bit gemm kernel through the ``kernels`` package (which transformers installs), and
+    logs "Failed to load CPU gemm_4bit_forward from kernels-community" when the hub cannot be reached. That
+    kernel serves only the eval-mode, CPU-only packed layout, which qmiss turns off for the layers it wraps
+    (:func:`prepare_for_adapter`); bitsandbytes falls back to its own kernels for it. So qmiss keeps those:
+    for the import, ``kernels`` reads as not installed (``sys.modules[name] = None`` makes ``import`` raise
+    ImportError, Python's documented way), and the one warning that causes is filtered from that logger.
+    ``tests/test_quant.py`` forces the AVX512-BF16 path on any CPU and checks that nothing is printed and
+    no connection is attempted.
+    """
+    absent = object()
+    saved = sys.modules.get("kernels", absent)
+    sys.modules["kernels"] = None  # type: ignore[assignment]
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+    logger.addFilter(drop_hub_kernel_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_hub_kernel_warning)
+        if saved is absent:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
+
+
+with _bitsandbytes_own_cpu_kernels():
+    import bitsandbytes as bnb
 
 RowDequantizer = Callable[[int, int], torch.Tensor]
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -99,3 +103,60 @@ def test_dequantize_to_float64_is_the_fp32_weight_widened(bits: int, qtype: str,
 def test_row_dequantizer_rejects_non_float_dtypes(bits: int | None) -> None:
     with pytest.raises(TypeError, match=r"dtype=torch\.int32.*torch\.float32"):
         quant.row_dequantizer(make_base(bits, 64, 64), torch.int32)
+
+
+# Run before anything else in a fresh interpreter: bitsandbytes sees the CPU feature FORCE says (whatever this CPU
+# has), and every network connection or name look-up is refused and reported on stderr.
+_FORCED_CPU = """
+import importlib.abc, importlib.util, socket, sys
+
+FORCE = {force}
+
+def refuse(*args, **kwargs):
+    print("network attempted:", args[:2], file=sys.stderr)
+    raise OSError("no network in this test")
+
+socket.getaddrinfo = socket.create_connection = socket.socket.connect = refuse
+
+class ForceAvx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: FORCE
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, ForceAvx512Bf16())
+sys.argv = {argv}
+import runpy
+runpy.run_module("qmiss", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("avx512_bf16", [True, False], ids=["avx512-bf16", "no-avx512-bf16"])
+def test_the_cli_is_quiet_and_offline_whatever_the_cpu(avx512_bf16: bool, tmp_path) -> None:
+    """bitsandbytes 0.50 fetches a hub kernel at import on AVX512-BF16 CPUs and logs when it cannot; qmiss keeps
+    its own kernels: the command's one-line error is all that is printed, and no connection is attempted."""
+    missing = tmp_path / "missing.jsonl"
+    argv = ["qmiss", "train", "--data_path", str(missing)]
+    code = _FORCED_CPU.format(force=avx512_bf16, argv=argv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"qmiss-train: error: --data_path {missing}: no such file or folder — check the path; "
+        "a hub id is 'name' or 'owner/name'"]
+    assert done.stdout == ""
+    # the path was forced as asked: bitsandbytes' layers read the same answer
+    check = _FORCED_CPU.format(force=avx512_bf16, argv=["x"]).replace(
+        'runpy.run_module("qmiss", run_name="__main__", alter_sys=True)',
+        "import qmiss, bitsandbytes as bnb; print(bnb.nn.Linear4bit(8, 8).support_avx512bf16_for_cpu)")
+    probe = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env)
+    assert (probe.stdout.strip(), probe.stderr) == (str(avx512_bf16), "")
