@@ -86,6 +86,27 @@ def check_local_path(name: str, what: str) -> Optional[Path]:
                            "or 'owner/name'")
 
 
+def check_output_dir(name: str, what: str = "--output_dir") -> Path:
+    """The folder ``name`` names, if it is one or can be made there; checked before any model is loaded.
+
+    Raises:
+        InputError: ``name`` (or a folder it would be made in) is a file, or the nearest existing folder
+            is not writable.
+    """
+    path = Path(name).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise InputError(f"{what} {name}: is a file, not a folder — pass a folder path (it is made if missing)")
+    if not existing.is_dir():
+        raise InputError(f"{what} {name}: {existing} is a file, so no folder can be made inside it — pass another "
+                         "path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {name}: {existing.absolute()} is not writable — pass a folder you can write to")
+    return path
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub endpoint (``HF_ENDPOINT``) answers a TCP connection; False in offline mode."""

@@ -15,6 +15,8 @@ base), the tokenizer, the arguments and a ``summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import random
 import re
 import resource
@@ -42,7 +44,8 @@ import qmiss
 from qmiss import data as pairs
 from qmiss.config import QMissConfig, default_compute_dtype, mode_from_init_weights
 from qmiss.fsdp import update_fsdp_plugin
-from qmiss.inputs import InputError, MissingPathError, check_local_path, debug_requested, hub_access, spelled_as
+from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, debug_requested, hub_access,
+                          spelled_as)
 from qmiss.io import atomic_write_json, load_adapter
 from qmiss.smollm import smollm2_path
 
@@ -56,8 +59,9 @@ BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 #: prepare_qmiss's arguments and the qmiss-train flags that set them, for error messages.
 FLAGS = {"r": "--miss_r", "mini_r": "--mini_r", "mode": "--mode", "init_weights": "--init_weights", "bits": "--bits",
          "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules"}
-DEMO_DEFAULTS = {"prompt_template": "{query}\n", "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_steps": 60, "warmup_steps": 6,
-                 "lr_scheduler_type": "cosine", "logging_steps": 10, "save_strategy": "no", "report_to": []}
+DEMO_DEFAULTS = {"prompt_template": "{query}\n", "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_steps": 60,
+                 "warmup_steps": 6, "lr_scheduler_type": "cosine", "logging_steps": 10, "save_strategy": "no",
+                 "report_to": "none"}
 
 
 @dataclass
@@ -413,27 +417,88 @@ def demo_accuracy(model, tokenizer, rows: list[dict[str, str]], data: DataArgume
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-def _given(argv: list[str]) -> set[str]:
-    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-
-
 EPILOG = ("Errors in the input (flags, paths, data) print one line and exit with status 2; --debug (or QMISS_DEBUG=1) "
           "shows their traceback.")
+ARGUMENTS = (ModelArguments, DataArguments, QMissTrainingArguments)
+#: flags of PEFT / TRL / axolotl recipes, and what qmiss-train calls them (or why it has none).
+HABITS = {
+    "lora_r": "--miss_r", "r": "--miss_r", "rank": "--miss_r", "lora_rank": "--miss_r",
+    "lora_dropout": "--miss_dropout", "lora_target_modules": "--target_modules",
+    "model_name_or_path": "--base_model_name_or_path", "model_name": "--base_model_name_or_path",
+    "base_model": "--base_model_name_or_path", "dataset_name": "--data_path", "dataset": "--data_path",
+    "max_seq_length": "--model_max_length", "max_length": "--model_max_length", "sequence_len": "--model_max_length",
+    "load_in_4bit": "--bits 4", "load_in_8bit": "--bits 8", "bnb_4bit_quant_type": "--quant_type",
+    "lora_alpha": "MiSS has no alpha (its update is not scaled): drop the flag",
+}
+
+
+class _Parser(HfArgumentParser):
+    """transformers' parser whose errors are :class:`InputError` (one line, exit status 2), not usage text."""
+
+    def error(self, message: str) -> None:  # argparse's documented override point; must not return
+        raise InputError(message)
+
+
+def _parser() -> _Parser:
+    return _Parser(ARGUMENTS, epilog=EPILOG)
+
+
+def _flag_names() -> list[str]:
+    """Every flag the parser knows, in the spellings HfArgumentParser gives them (``--a_b``, ``--a-b``, ``--no_a``)."""
+    names = []
+    for arguments in ARGUMENTS:
+        for f in dataclasses.fields(arguments):
+            if f.init:
+                names += [f"--{f.name}", f"--{f.name.replace('_', '-')}"]
+                names += [f"--no_{f.name}"] if f.default is True else []
+    return list(dict.fromkeys(names))
+
+
+def _unknown_flag(remaining: list[str]) -> InputError:
+    """The error for arguments no flag takes: the first unknown flag and the closest known one."""
+    flag = next((a for a in remaining if a.startswith("-")), remaining[0])
+    name = flag.split("=")[0]
+    habit = HABITS.get(name.lstrip("-").replace("-", "_"))
+    if habit is not None:
+        hint = f"; qmiss-train's flag for it is {habit}" if habit.startswith("--") else f"; {habit}"
+    else:
+        close = difflib.get_close_matches(name, _flag_names(), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; qmiss-train --help lists the flags"
+    what = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r} (a value without a flag)"
+    return InputError(f"{what}{hint}")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The settings ``argv`` sets, by their field names, however they were spelled: ``--learning-rate``,
+    ``--learning_rate=1e-3``, an unambiguous prefix (``--learning_rat``) and ``--no_x`` all count, as argparse
+    reads them.
+
+    Raises:
+        InputError: an unknown flag (with the closest known one), an ambiguous prefix or a bad value.
+    """
+    probe, unset = _parser(), object()
+    # every default replaced by one marker: what argparse sets to anything else is what the user gave
+    probe.set_defaults(**{f.name: unset for a in ARGUMENTS for f in dataclasses.fields(a) if f.init})
+    namespace, remaining = probe.parse_known_args(argv)
+    if remaining:
+        raise _unknown_flag(remaining)
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, QMissTrainingArguments]:
-    """The three flag groups (``--debug`` is dropped: :func:`main` reads it).
+    """The three flag groups (``--debug`` is dropped: :func:`main` reads it). Without a model or data flag this is
+    the built-in demo, whose recipe (``DEMO_DEFAULTS``) fills the flags the user did not give.
 
     Raises:
-        InputError: TrainingArguments refuses a combination of flags.
+        InputError: an unknown or ambiguous flag, a bad value, or a combination TrainingArguments refuses.
     """
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--debug"]
-    parser = HfArgumentParser((ModelArguments, DataArguments, QMissTrainingArguments), epilog=EPILOG)
-    given = _given(argv)
+    parser = _parser()
+    if "--help" in argv or "-h" in argv:
+        parser.parse_args_into_dataclasses(args=argv)  # prints the help and exits
+    given = given_flags(argv)
     if "base_model_name_or_path" not in given and "data_path" not in given:  # the built-in demo
-        overrides = {k: v for k, v in DEMO_DEFAULTS.items() if k not in given}
-        argv = argv + [f"--{k}={v}" for k, v in overrides.items() if k != "report_to"]
-        argv += ["--report_to", "none"] if "report_to" in overrides else []
+        parser.set_defaults(**{k: v for k, v in DEMO_DEFAULTS.items() if k not in given})
     try:
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as exc:  # TrainingArguments.__post_init__: e.g. --bf16 where bf16 is not supported
@@ -460,6 +525,7 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     start = time.time()
     # everything the user typed is checked before the model loads: paths first (a missing one fails at once,
     # with no hub request), then the flags against the model's layer shapes, then every data row
+    check_output_dir(train_args.output_dir)
     if data_args.data_path is not None:
         check_local_path(data_args.data_path, "--data_path")
     if "{query}" not in data_args.prompt_template and not data_args.chat_template:

@@ -9,6 +9,7 @@ one unit (GiB) and its card verdicts.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -318,6 +319,61 @@ def test_card_verdicts_are_binary_gib() -> None:
     assert not plan(8.1).fits(8) and plan(8.1).cards()[12]
     assert plan(7.8).verdict(8) == ("fits a card of 8 GiB: yes (7.80 GiB needed: peak 7.21 GiB + CUDA context "
                                     "0.59 GiB; 8192 MiB on the card)")
+
+
+# --- flags as argparse reads them ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--learning-rate", "1e-3", "--max-steps", "5"],  # the spellings --help lists
+    ["--learning_rate=1e-3", "--max_steps=5"],
+    ["--learning_rat", "1e-3", "--max_ste", "5"],  # unambiguous prefixes
+], ids=["dashes", "equals", "prefixes"])
+def test_demo_mode_keeps_every_flag_the_user_gave(argv) -> None:
+    model_args, data, training = train.parse_args(argv)
+    assert (training.learning_rate, training.max_steps) == (1e-3, 5)
+    # the demo's recipe still fills what was not given
+    assert training.per_device_train_batch_size == train.DEMO_DEFAULTS["per_device_train_batch_size"]
+    assert data.prompt_template == train.DEMO_DEFAULTS["prompt_template"]
+    assert train.given_flags(argv) == {"learning_rate", "max_steps"}
+
+
+def test_given_flags_reads_negations_and_lists() -> None:
+    assert train.given_flags(["--no_chunked_loss", "--target-modules", "q_proj", "v_proj"]) == {
+        "chunked_loss", "target_modules"}
+    assert train.parse_args(["--no-chunked-loss"])[0].chunked_loss is False
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora_r", "16"], "unknown flag --lora_r; qmiss-train's flag for it is --miss_r"),
+    (["--lora-dropout", "0.1"], "unknown flag --lora-dropout; qmiss-train's flag for it is --miss_dropout"),
+    (["--lora_alpha", "32"], "unknown flag --lora_alpha; MiSS has no alpha (its update is not scaled): drop the flag"),
+    (["--learnin_rate", "1e-3"], "unknown flag --learnin_rate; did you mean --learning_rate?"),
+    (["--zzz"], "unknown flag --zzz; qmiss-train --help lists the flags"),
+    (["--save", "2"], "ambiguous option: --save could match --save_only_model"),
+    (["--max_steps", "x"], "argument --max_steps/--max-steps: invalid int value: 'x'"),
+], ids=["lora_r", "lora-dropout", "lora_alpha", "typo", "unknown", "ambiguous", "bad-value"])
+def test_flag_mistakes_get_one_line_and_a_suggestion(argv, message, capsys, loader_calls) -> None:
+    status, err = run_train(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"qmiss-train: error: {message}"), err
+
+
+def test_an_output_folder_that_is_a_file_fails_before_loading(tmp_path, capsys, loader_calls) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    for out, message in [(tmp_path / "out", "is a file, not a folder"),
+                         (tmp_path / "out" / "run", f"{tmp_path / 'out'} is a file, so no folder can be made")]:
+        status, err = run_train(capsys, "--output_dir", str(out), "--max_steps", "1")
+        assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert not loader_calls
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_output_folder_fails_before_loading(tmp_path, capsys, loader_calls) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    status, err = run_train(capsys, "--output_dir", str(locked / "run"))
+    assert status == 2 and "is not writable" in err and not loader_calls
 
 
 # --- quiet on the CPU, progress while evaluating ----------------------------------------------------------------
