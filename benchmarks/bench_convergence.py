@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Report, peft_lora_variant, pyplot, qmiss_variant, smollm2_case  # noqa: E402
-from qmiss import train  # noqa: E402
+from qmiss import demo, train  # noqa: E402
 
 METHODS = {"qmiss default r=64": qmiss_variant("default"), "qmiss bat r=64": qmiss_variant("bat"),
            "PEFT LoRA r=64": peft_lora_variant()}
@@ -41,7 +41,7 @@ def batches(tokenizer, steps: int, batch_size: int, seed: int = 0) -> tuple[list
     from transformers import DataCollatorForSeq2Seq
 
     data = train.DataArguments(prompt_template=train.DEMO_DEFAULTS["prompt_template"], model_max_length=128)
-    rows = train.arithmetic_problems(steps * batch_size, seed=0)
+    rows = demo.arithmetic_problems(steps * batch_size, seed=0)
     random.Random(seed).shuffle(rows)
     encoded = [train.encode(tokenizer, r["query"], r["response"], data) for r in rows]
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -67,7 +67,7 @@ def run(base, build, lr: float, steps_data: list[dict], data, tokenizer, held_ou
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     load = os.getloadavg()[0]
-    accuracy = train.demo_accuracy(model, tokenizer, held_out, data)
+    accuracy = demo.held_out_accuracy(model, tokenizer, *held_out)
     return {"losses": losses, "accuracy": accuracy, "seconds": seconds, "load": load}
 
 
@@ -107,7 +107,8 @@ def main() -> None:
     lrs = sorted(float(v) for v in args.lrs.split(","))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     steps_data, data = batches(tokenizer, args.steps, args.batch)
-    held_out = train.arithmetic_problems(args.eval, seed=1)
+    problems = demo.arithmetic_problems(args.eval, seed=1)
+    held_out = ([train.prompt_text(tokenizer, r["query"], data) for r in problems], [r["response"] for r in problems])
     base = smollm2_case(4).model
 
     report = Report(args.out)
@@ -119,7 +120,7 @@ def main() -> None:
                f"tried, adds the next half-decade rate on that side, at most {args.max_widen} per side; held-out: "
                f"{args.eval} problems (they share the task's arithmetic facts with training); "
                f"{time.strftime('%Y-%m-%d')}\n")
-    held_out_before = train.demo_accuracy(base, tokenizer, held_out, data)
+    held_out_before = demo.held_out_accuracy(base, tokenizer, *held_out)
     results, widened, started = {}, {name: {"smallest": 0, "largest": 0} for name in METHODS}, time.perf_counter()
 
     def measure(name: str, lr: float) -> None:

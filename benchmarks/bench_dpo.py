@@ -37,7 +37,7 @@ from benchmarks.common import MB, Report, machine_line, step_rss_mb  # noqa: E40
 import qmiss  # noqa: E402
 from qmiss.memory import measure_peak, resident_bytes  # noqa: E402
 from qmiss.smollm import smollm2_path  # noqa: E402
-from qmiss.train import arithmetic_problems  # noqa: E402
+from qmiss.demo import arithmetic_problems  # noqa: E402
 
 
 def preference_rows(pairs: int, shots: int) -> list[dict[str, str]]:

@@ -6,7 +6,8 @@ The base model is the adapter's own (recorded in adapter_config.json) unless --m
 the built-in demo's SmolLM2 is found without a hub. The prompt format must match training, so it
 is the one qmiss-train recorded in the adapter's qmiss_train_args.json ("{query}\\n" for the
 built-in demo, the reference Alpaca prompt for a --data_path run, or that run's --prompt_template /
---chat_template); an adapter without that record gets the Alpaca prompt. --prompt_template and
+--chat_template; the chat template for a run on conversations); an adapter without that record gets the
+Alpaca prompt. The tokenizer's own BOS is added as in training. --prompt_template and
 --chat_template override it.
 """
 
@@ -23,6 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qmiss
+from qmiss.encode import Encoder
+from qmiss.gguf_file import converted_folder, is_gguf
 from qmiss.smollm import smollm2_path
 from qmiss.train import DataArguments, prompt_text
 
@@ -59,7 +62,7 @@ def recorded_data_args(adapter: Union[str, os.PathLike]) -> Optional[DataArgumen
 
     The record is ``qmiss_train_args.json`` in the adapter folder, or, for a ``checkpoint-N`` folder
     inside a run's output folder, in that output folder (qmiss-train writes it once, at the end).
-    Only its ``"data"`` section's ``prompt_template`` and ``chat_template`` are read; a missing one
+    Only its ``"data"`` section's ``prompt_template``, ``chat_template`` and ``rows`` are read; a missing one
     takes qmiss-train's default.
 
     Raises:
@@ -82,6 +85,7 @@ def recorded_data_args(adapter: Union[str, os.PathLike]) -> Optional[DataArgumen
     chat = data.get("chat_template", defaults.chat_template)
     if not isinstance(chat, bool):
         raise ValueError(f"{path}: data.chat_template={chat!r} must be true or false; {FIX}")
+    chat = chat or data.get("rows") == "conversations"  # a run on conversations learned the chat template
     template = check_template(data.get("prompt_template", defaults.prompt_template), f"{path}: data.prompt_template",
                               FIX)
     return DataArguments(prompt_template=template, chat_template=chat)
@@ -126,6 +130,7 @@ def main() -> None:
     recorded = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     demo = args.model is None and recorded in (None, "SmolLM2-135M-Instruct")
     path = str(smollm2_path()) if demo else (args.model or recorded)
+    path = str(converted_folder(path)) if is_gguf(path) else path  # a GGUF base: the folder qmiss-train converted
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = build_prompts(tokenizer, args.queries, args.adapter, args.prompt_template, args.chat_template)
@@ -133,14 +138,15 @@ def main() -> None:
                                                  device_map="cuda" if cuda else None)
     model = qmiss.from_pretrained(model, args.adapter).eval()  # prepare with the adapter's settings, then load
 
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    encoder = Encoder(tokenizer, max_length=tokenizer.model_max_length)  # the tokenizer's BOS, as in training
+    ids = [{"input_ids": encoder.prompt_ids(prompt)} for prompt in prompts]
+    batch = tokenizer.pad(ids, padding_side="left", return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-    for query, ids in zip(args.queries, out[:, batch.input_ids.shape[1]:]):
+    for query, ids in zip(args.queries, out[:, batch["input_ids"].shape[1]:]):
         print(f"> {query}\n{tokenizer.decode(ids, skip_special_tokens=True).strip()}\n")
 
 

@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 import qmiss
 from qmiss.smollm import smollm2_path
-from qmiss.train import arithmetic_problems
+from qmiss.demo import arithmetic_problems
 
 
 def load_4bit(path: str, cuda: bool):

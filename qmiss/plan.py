@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from qmiss.config import MODES, QMissConfig
+from qmiss.gguf_file import gguf_config, is_gguf
 from qmiss.inputs import (InputError, MissingPathError, check_local_path, debug_requested, hub_access, spelled,
                           spelled_as)
 
@@ -99,7 +100,7 @@ class MemoryPlan:
 
 
 def load_hf_config(config, what: str = "config"):
-    """A transformers config from a config object or dict, a config.json, a model folder or a hub id.
+    """A transformers config from a config object or dict, a config.json, a model folder, a GGUF file or a hub id.
 
     Args:
         what: how to name ``config`` in errors, e.g. "--config".
@@ -127,6 +128,8 @@ def load_hf_config(config, what: str = "config"):
                 reach = "" if online else " (the hub cannot be reached: only the local cache was searched)"
                 raise MissingPathError(f"{what} {name}: not a local file or folder, and no hub model of that name "
                                        f"could be read{reach}") from exc
+    if path.is_file() and is_gguf(path):
+        return gguf_config(path, what)
     try:
         if path.is_dir():
             if not (path / "config.json").is_file():
@@ -200,6 +203,7 @@ def plan_memory(
     loss_chunk_bytes: int = 64 * MiB,
     offload_activations: bool = False,
     embeddings_on_host: bool = False,
+    packing: bool = False,
 ) -> MemoryPlan:
     """Plan the memory of one training step of a qmiss model, without loading weights.
 
@@ -223,6 +227,11 @@ def plan_memory(
             checkpointed layers waits in host memory; one layer's worth is back on the GPU at a time.
         embeddings_on_host: as in :func:`qmiss.prepare_qmiss`: the input embedding table is not on
             the GPU (refused for tied embeddings, as there).
+        packing: the micro-batch is ``batch_size`` packed sequences of ``seq_len`` tokens (qmiss-train's
+            default): with no attention mask given, transformers builds a (batch, 1, seq, seq) boolean
+            block-diagonal mask for SDPA, alive through the step, and each layer's attention saves it as a
+            float mask and keeps k and v repeated to every query head (FlashAttention's varlen path needs
+            none of it; a padded batch that has padding pays the same).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -324,6 +333,10 @@ def plan_memory(
     # one decoder layer's saved activations (what autograd and bitsandbytes keep for backward)
     norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
     attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * batch_size * n_heads * seq_len  # q, k, v, out, lse
+    if packing:
+        # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
+        # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
+        attention += batch_size * seq_len * seq_len * e_act + 2 * tokens * e_act * (q_width - kv_width)
     mlp = tokens * e_act * 3 * inter  # gate, up, act(gate)
     extra = 0
     if mode == "bat" or bits == 8:  # inputs kept: the norms' outputs (shared by their projections) and down's input
@@ -381,7 +394,10 @@ def plan_memory(
         weight_buffer = 0
     mlp_grads = tokens * e_act * (3 * inter + 2 * hidden)
     at_projection = weight_buffer + tokens * e_act * (inter + 2 * hidden)
-    layer_phase = in_layer + max(mlp_grads, at_projection) + grads
+    mask = batch_size * seq_len * seq_len if packing else 0  # bool; every layer is handed the same one
+    if packing:
+        items["attention mask: packed sequences (bool, batch × seq²)"] = mask
+    layer_phase = in_layer + mask + max(mlp_grads, at_projection) + grads
     if chunked_loss:
         from qmiss.loss import chunk_bytes_per_token, chunk_tokens
 
@@ -394,7 +410,7 @@ def plan_memory(
     else:
         loss_bytes = 3 * logits
         items["logits + loss (fp32)"] = loss_bytes
-    loss_phase = saved + loss_bytes
+    loss_phase = saved + mask + loss_bytes
     if e_head == 4 and e < 4 and head is not None:
         # under 16-bit autocast (a bf16 Trainer step) the fp32 head runs on a 16-bit copy of its weight,
         # which autograd keeps for the head's backward (the chunked loss only while its forward runs)
@@ -420,6 +436,8 @@ def plan_memory(
                     embeddings_on_host=embeddings_on_host)
     if mode == "mini":
         settings["mini_r"] = mini_r
+    if packing:
+        settings["packing"] = True
     return MemoryPlan(
         model=_describe_model(config, hf_config),
         settings=settings,
@@ -474,7 +492,8 @@ FLAGS = {"config": "--config", "r": "--r", "mini_r": "--mini_r", "mode": "--mode
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="qmiss plan", description="Plan the GPU memory of a qmiss fine-tune.")
-    parser.add_argument("--config", required=True, help="config.json, a model folder, or a hub model id")
+    parser.add_argument("--config", required=True,
+                        help="config.json, a model folder, a GGUF file, or a hub model id")
     parser.add_argument("--bits", default="4", choices=["4", "8", "16"], help="base quantization (16: none)")
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--mode", default="default", choices=list(MODES))
@@ -491,6 +510,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="checkpointed layer inputs wait in pinned host memory until backward")
     parser.add_argument("--embeddings-on-host", action="store_true",
                         help="the input embedding table stays in host memory (not for tied embeddings)")
+    parser.add_argument("--packing", action="store_true",
+                        help="--batch packed sequences of --seq tokens (qmiss-train's default): SDPA's block-diagonal "
+                             "mask")
     parser.add_argument("--gpu-gib", "--gpu-gb", dest="gpu_gib", type=float, default=None,
                         help="say whether it fits a card of this many GiB (an '8 GB' card has 8 GiB); exit status 1 "
                              "if not")
@@ -507,7 +529,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
                                compute_dtype=DTYPES[args.compute_dtype], chunked_loss=args.chunked_loss,
                                loss_chunk_bytes=args.loss_chunk_mib * MiB, offload_activations=args.offload_activations,
-                               embeddings_on_host=args.embeddings_on_host)
+                               embeddings_on_host=args.embeddings_on_host, packing=args.packing)
     except InputError as exc:
         if args.debug or debug_requested([]):
             raise

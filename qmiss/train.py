@@ -1,4 +1,4 @@
-"""qmiss-train: supervised fine-tuning on query → response pairs with MiSS on a 4/8-bit base.
+"""qmiss-train: supervised fine-tuning with MiSS on a 4/8-bit base, on prompt/response pairs or conversations.
 
     qmiss-train                                   # built-in demo: SmolLM2-135M-Instruct, arithmetic problems
     qmiss-train --base_model_name_or_path meta-llama/Llama-2-7b-hf --data_path meta-math/MetaMathQA \\
@@ -7,18 +7,19 @@
         --gradient_accumulation_steps 32 --learning_rate 2e-5 --gradient_checkpointing
 
 The flags mirror the MiSS reference fine-tuning script (HfArgumentParser over the three
-dataclasses below, TrainingArguments included). The prompt is masked out of the loss, EOS
-is appended, sequences are truncated to ``--model_max_length`` and padded per batch.
-Checkpoints and the output folder hold the adapter in PEFT's MiSS format (never the frozen
-base), the tokenizer, the arguments and a ``summary.json``.
+dataclasses below, TrainingArguments included). Pairs are prompted with ``--prompt_template``
+(or the chat template) and only the response is learned; conversations (``messages`` or ShareGPT
+``conversations``) go through the tokenizer's chat template and every assistant turn is learned
+(:mod:`qmiss.encode`). Rows are packed into sequences of ``--model_max_length`` tokens without
+padding (:mod:`qmiss.packing`; ``--packing false`` pads each batch instead). The model is a folder,
+a hub id or a GGUF file (:mod:`qmiss.gguf_file`). Checkpoints and the output folder hold the adapter
+in PEFT's MiSS format (never the frozen base), the tokenizer, the arguments and a ``summary.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import random
-import re
 import resource
 import sys
 import time
@@ -27,26 +28,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+import datasets
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
-    StoppingCriteria,
     Trainer,
     TrainingArguments,
 )
-from transformers.utils.logging import tqdm
 
 import qmiss
-from qmiss import data as pairs
+from qmiss import data as rows_io
 from qmiss.config import QMissConfig, default_compute_dtype, mode_from_init_weights
+from qmiss.demo import arithmetic_problems, held_out_accuracy
+from qmiss.encode import IGNORE, ChatTemplateError, Encoder, chat_prompt
 from qmiss.fsdp import update_fsdp_plugin
-from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, debug_requested, hub_access,
-                          spelled_as)
+from qmiss.gguf_file import converted_folder, is_gguf, load_tokenizer
+from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, debug_requested, few,
+                          hub_access, spelled_as)
 from qmiss.io import atomic_write_json, load_adapter
+from qmiss.packing import PackedCollator, pack
 from qmiss.smollm import smollm2_path
 
 # The reference script's prompt (Alpaca-style, as used for MetaMathQA).
@@ -95,13 +98,20 @@ class DataArguments:
         default=None, metadata={"help": "A .json/.jsonl/.csv/.parquet file or folder, or a datasets hub name. "
                                         "Default: the built-in arithmetic word problems."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on, e.g. 'train[:100000]'."})
-    dataset_field: list[str] = field(default_factory=lambda: ["query", "response"],
-                                     metadata={"help": "The query and response column names."})
-    model_max_length: int = field(default=512, metadata={"help": "Longer examples are truncated."})
+    dataset_field: Optional[list[str]] = field(default=None, metadata={
+        "help": "QUERY RESPONSE: the columns of prompt/response pairs; or one COLUMN of conversations. Default: "
+                "query/response, prompt/completion, messages (OpenAI) or conversations (ShareGPT), as the data has."})
+    model_max_length: int = field(default=512, metadata={
+        "help": "Longer rows are cut to this many tokens; with --packing, the length of a packed sequence."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack rows into sequences of --model_max_length tokens without padding, each row attending only "
+                "to itself (--packing false: pad each batch to its longest row). --per_device_train_batch_size "
+                "then counts packed sequences."})
     prompt_template: str = field(default=PROMPT, metadata={"help": "Prompt around {query}; default: the reference "
                                                                      "script's Alpaca-style prompt."})
-    chat_template: bool = field(default=False, metadata={"help": "Wrap the query in the tokenizer's chat template "
-                                                                  "instead of --prompt_template."})
+    chat_template: bool = field(default=False, metadata={"help": "Pairs: make each a user turn and an assistant turn "
+                                                                  "of the tokenizer's chat template instead of using "
+                                                                  "--prompt_template (conversations always use it)."})
     demo_train_size: int = field(default=960, metadata={"help": "Built-in demo: training problems."})
     demo_eval_size: int = field(default=64, metadata={"help": "Built-in demo: held-out problems."})
 
@@ -124,79 +134,83 @@ class QMissTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-# --- the built-in task ----------------------------------------------------------------------------------------
-
-NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ivan", "Zoe"]
-ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils"]
-
-
-def arithmetic_problems(n: int, seed: int) -> list[dict[str, str]]:
-    """MetaMathQA-shaped pairs: a one-step word problem, a worked response ending "The answer is: N"."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        if rng.random() < 0.5:
-            query = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-            response = f"{name} has {a} + {b} = {a + b} {item}. The answer is: {a + b}"
-        else:
-            query = f"{name} has {a + b} {item} and gives away {b}. How many {item} are left?"
-            response = f"{name} has {a + b} - {b} = {a} {item} left. The answer is: {a}"
-        rows.append({"query": query, "response": response})
-    return rows
-
-
-def final_answer(text: str) -> Optional[str]:
-    """The number after "The answer is" (MetaMathQA's convention), else the last number in the text."""
-    match = re.search(r"answer is:?\s*(-?\d+)", text)
-    numbers = re.findall(r"-?\d+", text)
-    return match.group(1) if match else (numbers[-1] if numbers else None)
-
-
 # --- data -----------------------------------------------------------------------------------------------------
 
 
-def load_pairs(data: DataArguments):
-    """The training rows as a ``datasets.Dataset`` with the two named fields, every row checked
-    (:func:`qmiss.data.load_pairs`); the built-in problems without ``--data_path``.
+def load_rows(data: DataArguments) -> rows_io.Rows:
+    """The training rows, every one checked (:func:`qmiss.data.load_rows`); the built-in problems without
+    ``--data_path``.
 
     Raises:
-        InputError: see :func:`qmiss.data.load_pairs`.
+        InputError: see :func:`qmiss.data.load_rows`.
     """
-    import datasets
-
-    fields = _fields(data)
+    fields = tuple(data.dataset_field) if data.dataset_field else None
     if data.data_path is None:
-        return datasets.Dataset.from_list(arithmetic_problems(data.demo_train_size, seed=0))
-    return pairs.load_pairs(data.data_path, data.dataset_split, fields)
-
-
-def _fields(data: DataArguments) -> tuple[str, str]:
-    if len(data.dataset_field) != 2:
-        raise InputError(f"--dataset_field takes two names, QUERY RESPONSE; got {data.dataset_field}")
-    return data.dataset_field[0], data.dataset_field[1]
+        problems = arithmetic_problems(data.demo_train_size, seed=0)
+        return rows_io.Rows(datasets.Dataset.from_list(problems), "pairs",
+                            [f"built-in problem {i + 1}" for i in range(len(problems))], "built-in problems")
+    return rows_io.load_rows(data.data_path, data.dataset_split, fields)
 
 
 def prompt_text(tokenizer, query: str, data: DataArguments) -> str:
+    """A query as training prompts it: in ``--prompt_template``, or as a user turn of the chat template."""
     if data.chat_template:
-        if not tokenizer.chat_template:
-            raise InputError("--chat_template: this tokenizer has no chat template; drop the flag")
-        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
-                                             add_generation_prompt=True)
+        try:
+            return chat_prompt(tokenizer, query)
+        except ChatTemplateError as exc:
+            raise InputError(f"--chat_template: {exc}") from None
     return data.prompt_template.format(query=query)
 
 
+def encode_row(encoder: Encoder, row: dict, kind: str, data: DataArguments) -> dict[str, list[int]]:
+    """One row's ``input_ids`` and ``labels`` (:class:`qmiss.encode.Encoder`'s rules)."""
+    if kind == "conversations":
+        return encoder.conversation(row["messages"])
+    if data.chat_template:
+        return encoder.conversation([{"role": "user", "content": row["query"]},
+                                     {"role": "assistant", "content": row["response"]}])
+    return encoder.pair(data.prompt_template.format(query=row["query"]), row["response"])
+
+
 def encode(tokenizer, query: str, response: str, data: DataArguments) -> dict[str, list[int]]:
-    """Prompt + response + EOS, truncated; labels are -100 on the prompt so only the response is learned."""
-    prompt_str = prompt_text(tokenizer, query, data)
-    prompt = tokenizer(prompt_str, add_special_tokens=False).input_ids
-    separator = " " if prompt_str[-1:].isalnum() or prompt_str.endswith(":") else ""
-    answer = tokenizer(separator + response, add_special_tokens=False).input_ids
-    max_length = data.model_max_length
-    ids = (prompt + answer + [tokenizer.eos_token_id])[:max_length]
-    labels = ([-100] * len(prompt) + answer + [tokenizer.eos_token_id])[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    """One pair encoded as qmiss-train encodes it: prompt masked, the tokenizer's BOS and EOS, truncated."""
+    return encode_row(Encoder(tokenizer, data.model_max_length), {"query": query, "response": response}, "pairs",
+                      data)
+
+
+def encode_rows(rows: rows_io.Rows, tokenizer, data: DataArguments):
+    """Every row as ``input_ids``/``labels`` (a ``datasets.Dataset``), checked before any model weight is loaded.
+
+    Rows left with nothing to learn by ``--model_max_length`` are dropped with a warning naming them.
+
+    Raises:
+        InputError: conversations the chat template cannot render or mark (the first few by file and row).
+    """
+    encoder = Encoder(tokenizer, data.model_max_length)
+    encoded: dict[str, list] = {"input_ids": [], "labels": []}
+    bad, empty = [], []
+    for i, row in enumerate(rows.dataset):
+        try:
+            out = encode_row(encoder, row, rows.kind, data)
+        except ChatTemplateError as exc:
+            bad.append(f"{rows.where[i]}: {exc}")
+            continue
+        if all(label == IGNORE for label in out["labels"][1:]):
+            empty.append(rows.where[i])
+            continue
+        encoded["input_ids"].append(out["input_ids"])
+        encoded["labels"].append(out["labels"])
+    if bad:
+        more = "; …" if len(bad) > rows_io.SHOWN else ""
+        raise InputError(f"--data_path {rows.source}: {len(bad)} of {len(rows.where)} rows cannot go through the "
+                         f"tokenizer's chat template: {'; '.join(bad[:rows_io.SHOWN])}{more}")
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(rows.where)} rows have no response token left within "
+                      f"--model_max_length {data.model_max_length} ({few(empty)}); they are skipped — raise "
+                      "--model_max_length to keep them")
+    if not encoded["input_ids"]:
+        raise InputError(f"--model_max_length {data.model_max_length}: no row keeps a response token; raise it")
+    return datasets.Dataset.from_dict(encoded)
 
 
 # --- model ----------------------------------------------------------------------------------------------------
@@ -252,15 +266,34 @@ def check_model_args(model_args: ModelArguments) -> str:
     return path
 
 
+def tokenizer_for(path: str):
+    """The model's tokenizer (read from a GGUF file's header, without converting it), with a pad token.
+
+    Raises:
+        MissingPathError: the model cannot be found.
+    """
+    with hub_access():
+        try:
+            tokenizer = load_tokenizer(path)
+        except OSError as exc:
+            raise MissingPathError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(model_args: ModelArguments, device: torch.device, path: Optional[str] = None):
-    """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model, and its tokenizer.
+    """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model.
 
     Args:
         model_args: the model flags.
         device: where this process trains (``TrainingArguments.device``: ``cuda:LOCAL_RANK`` under a launcher).
-        path: what :func:`check_model_args` returned; it is called here when not given.
+        path: what :func:`check_model_args` returned; it is called here when not given. A GGUF file is converted
+            once into the cache (:func:`qmiss.gguf_file.converted_folder`) and loaded from there.
     """
     path = path or check_model_args(model_args)
+    if is_gguf(path):
+        path = str(converted_folder(path))
     compute = default_compute_dtype(device)  # the model's dtype and bitsandbytes' compute dtype
     bits = BITS[model_args.bits]
     kwargs: dict = {"dtype": compute if isinstance(bits, int) else bits}
@@ -272,15 +305,12 @@ def load_model(model_args: ModelArguments, device: torch.device, path: Optional[
     with hub_access():
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as exc:
             raise MissingPathError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     with spelled_as(FLAGS):
         model = qmiss.prepare_qmiss(model, **_qmiss_settings(model_args))
     model.qmiss_config.base_model_name_or_path = model_args.base_model_name_or_path or "SmolLM2-135M-Instruct"
-    return model, tokenizer
+    return model
 
 
 def first_nonfinite_module(model: torch.nn.Module, inputs: dict) -> Optional[str]:
@@ -369,49 +399,6 @@ class QMissTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_adapter(self.model, self.state.best_model_checkpoint, trainable=True)
-
-
-# --- evaluation of the built-in task ---------------------------------------------------------------------------
-
-
-class _Progress(StoppingCriteria):
-    """Ticks a progress bar once per generated token; never stops generation."""
-
-    def __init__(self, bar) -> None:
-        self.bar = bar
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.bar.update(1)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-@torch.no_grad()
-def demo_accuracy(model, tokenizer, rows: list[dict[str, str]], data: DataArguments, batch_size: int = 64,
-                  desc: Optional[str] = None) -> float:
-    """Held-out exact match, generating greedily for many prompts at once (left-padded batches).
-
-    Args:
-        desc: label of a progress bar over the generated tokens (none without it).
-    """
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    correct, max_new_tokens = 0, 24
-    batches = range(0, len(rows), batch_size)
-    with tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="tok", disable=desc is None) as bar:
-        for i in batches:
-            chunk = rows[i : i + batch_size]
-            batch = tokenizer([prompt_text(tokenizer, r["query"], data) for r in chunk], return_tensors="pt",
-                              padding=True, add_special_tokens=False).to(model.device)
-            done = bar.n
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=[_Progress(bar)])
-            bar.update(done + max_new_tokens - bar.n)  # a batch that stopped early at EOS
-            for row, ids in zip(chunk, out[:, batch.input_ids.shape[1]:]):
-                correct += final_answer(tokenizer.decode(ids, skip_special_tokens=True)) == final_answer(row["response"])
-    model.train(was_training)
-    tokenizer.padding_side = side
-    return correct / len(rows)
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -514,6 +501,13 @@ def _peak_memory_mb(on_cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def collator_for(tokenizer, data: DataArguments):
+    """Packed sequences (:class:`qmiss.packing.PackedCollator`), or rows padded to each batch's longest."""
+    if data.packing:
+        return PackedCollator(tokenizer.pad_token_id)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
 def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> dict:
     """Run ``qmiss-train`` with ``argv`` (and extra Trainer ``callbacks``); returns the summary it writes
     to ``<output_dir>/summary.json``."""
@@ -524,43 +518,51 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     torch.manual_seed(train_args.seed)
     start = time.time()
     # everything the user typed is checked before the model loads: paths first (a missing one fails at once,
-    # with no hub request), then the flags against the model's layer shapes, then every data row
+    # with no hub request), then the flags against the model's layer shapes, then every data row, then every row
+    # through the tokenizer (its chat template)
     check_output_dir(train_args.output_dir)
     if data_args.data_path is not None:
         check_local_path(data_args.data_path, "--data_path")
     if "{query}" not in data_args.prompt_template and not data_args.chat_template:
         raise InputError(f"--prompt_template {data_args.prompt_template!r} has no {{query}}: the query would be lost")
     path = check_model_args(model_args)
-    rows = load_pairs(data_args)
+    rows = load_rows(data_args)
     resume = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
-    model, tokenizer = load_model(model_args, device, path)
+    tokenizer = tokenizer_for(path)
+    dataset = encode_rows(rows, tokenizer, data_args)
+    tokens = sum(len(ids) for ids in dataset["input_ids"])
+    if data_args.packing:
+        dataset = pack(dataset, data_args.model_max_length)
+    model = load_model(model_args, device, path)
     trainable, total = qmiss.trainable_parameters(model)
 
-    query, response = _fields(data_args)
-    dataset = rows.map(lambda r: encode(tokenizer, r[query], r[response], data_args), remove_columns=rows.column_names)
-    held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else None
-    before = demo_accuracy(model, tokenizer, held_out, data_args, desc="held-out accuracy, before") if demo else None
+    held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else []
+    prompts = [prompt_text(tokenizer, row["query"], data_args) for row in held_out]
+    answers = [row["response"] for row in held_out]
+    before = held_out_accuracy(model, tokenizer, prompts, answers, desc="held-out accuracy, before") if demo else None
 
     train_args.remove_unused_columns = False
     trainer = QMissTrainer(model=model, args=train_args, train_dataset=dataset, processing_class=tokenizer,
-                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                           callbacks=callbacks)
+                           data_collator=collator_for(tokenizer, data_args), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
 
-    after = demo_accuracy(model, tokenizer, held_out, data_args, desc="held-out accuracy, after") if demo else None
+    after = held_out_accuracy(model, tokenizer, prompts, answers, desc="held-out accuracy, after") if demo else None
     summary = {
         "trainable_params": trainable, "all_params": total, "steps": trainer.state.global_step,
         "seconds": round(time.time() - start, 1), "peak_memory_mb": round(_peak_memory_mb(on_cuda), 1),
         "peak_memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
         "accuracy_before": before, "accuracy_after": after, "adapter": str(train_args.output_dir),
         "chunked_loss": getattr(model, "qmiss_chunked_loss", None) is not None,
+        "rows": rows.kind, "row_count": len(rows.where), "row_tokens": tokens, "packing": data_args.packing,
+        "sequences": len(dataset),
     }
     out = Path(train_args.output_dir)
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, rank 0 writes and reports
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    arguments = {"model": asdict(model_args), "data": asdict(data_args), "training": train_args.to_dict()}
+    arguments = {"model": asdict(model_args), "data": {**asdict(data_args), "rows": rows.kind},
+                 "training": train_args.to_dict()}
     atomic_write_json(out / "qmiss_train_args.json", arguments)
     atomic_write_json(out / "summary.json", summary)
     accuracy = (f"held-out accuracy {before:.1%} -> {after:.1%} ({len(held_out)} problems) | " if demo else "")

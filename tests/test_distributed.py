@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -95,16 +96,21 @@ def test_qmiss_train_two_processes(tmp_path, tiny_model_dir: str, jsonl: str, la
     from tests.test_train import args
 
     out = tmp_path / "run"
+    # torchrun pads rows; accelerate packs them, 96 tokens a sequence (qmiss-train's default, packing)
+    rows = ["--packing", "false"] if launcher == "torchrun" else ["--model_max_length", "96"]
     command = [sys.executable, *LAUNCHERS[launcher], str(_free_port()), "-m", "qmiss.train",
                *args(tiny_model_dir, jsonl, out, "--max_steps", "3", "--per_device_train_batch_size", "2",
-                     "--save_strategy", "steps", "--save_steps", "3")]
+                     "--save_strategy", "steps", "--save_steps", "3", *rows)]
     proc = subprocess.run(command, capture_output=True, timeout=300, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["packing"] == (launcher != "torchrun")
     assert qmiss.read_adapter(out)[0].r == 16
     # (the two ranks' output interleaves on one pipe, so the trainer state is read from the checkpoint)
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["epoch"] == pytest.approx(0.6)  # 3 steps × 2 ranks × 2 rows = 12 of 20 rows: both ranks trained
+    # 3 steps × 2 ranks × 2 sequences (20 rows, or the packed sequences): both ranks trained
+    assert state["epoch"] == pytest.approx(3 / math.ceil(summary["sequences"] / 4))
+    assert summary["sequences"] >= 12 if summary["packing"] else summary["sequences"] == 20
 
 
 def _fsdp_worker(rank: int, world: int, port: int, mode: str, out_dir: str, chunked_loss: bool = False) -> None:

@@ -32,7 +32,9 @@ class ChatTokenizer:
 def record(folder: Path, **data) -> Path:
     """An adapter folder's ``qmiss_train_args.json``, as ``qmiss-train`` writes it (other sections trimmed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    arguments = {"model": {"base_model_name_or_path": "some/model"}, "data": asdict(train.DataArguments(**data))}
+    rows = data.pop("rows", "pairs")
+    arguments = {"model": {"base_model_name_or_path": "some/model"},
+                 "data": {**asdict(train.DataArguments(**data)), "rows": rows}}
     (folder / "qmiss_train_args.json").write_text(json.dumps(arguments))
     return folder
 
@@ -42,7 +44,8 @@ def record(folder: Path, **data) -> Path:
     ({}, train.PROMPT.format(query=QUERY)),  # a --data_path run without --prompt_template
     ({"prompt_template": train.DEMO_DEFAULTS["prompt_template"]}, f"{QUERY}\n"),  # the built-in demo
     ({"chat_template": True}, f"<user>{QUERY}</user><assistant>"),
-], ids=["custom", "alpaca", "demo", "chat"])
+    ({"rows": "conversations"}, f"<user>{QUERY}</user><assistant>"),  # a run on conversations
+], ids=["custom", "alpaca", "demo", "chat", "conversations"])
 def test_prompt_is_the_recorded_one(tmp_path, recorded: dict, expected: str) -> None:
     adapter = record(tmp_path / "adapter", **recorded)
     assert generate.build_prompts(ChatTokenizer(), [QUERY, "2 + 2?"], adapter)[0] == expected
@@ -91,3 +94,21 @@ def test_peft_quick_start_with_qmiss_reloads_identically_in_peft_and_qmiss(tmp_p
     difference = sft_trl.main(["--max_steps", "1", "--output_dir", str(tmp_path / "miss-sft")])
     assert difference <= 1e-4
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "miss-sft").iterdir()}
+
+
+def test_generate_runs_an_adapter_with_the_tokenizers_bos(tmp_path, monkeypatch, capsys, tiny_model_dir) -> None:
+    """generate.py end to end on a qmiss-train adapter: the prompt ids are the training ones (BOS included)."""
+    from qmiss.encode import Encoder
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"query": "What is 2 + 3?", "response": "5"}) + "\n")
+    train.run(["--base_model_name_or_path", tiny_model_dir, "--data_path", str(tmp_path / "d.jsonl"), "--output_dir",
+               str(tmp_path / "adapter"), "--miss_r", "16", "--max_steps", "1", "--report_to", "none", "--use_cpu"])
+    seen = []
+    original = Encoder.prompt_ids
+    monkeypatch.setattr(Encoder, "prompt_ids", lambda self, text: seen.append(text) or original(self, text))
+    monkeypatch.setattr("sys.argv", ["generate.py", "--adapter", str(tmp_path / "adapter"), "--model", tiny_model_dir,
+                                     "--max_new_tokens", "3", QUERY, "What is 1 + 1?"])
+    generate.main()
+    out = capsys.readouterr().out
+    assert out.count("> ") == 2 and QUERY in out
+    assert seen == [train.PROMPT.format(query=QUERY), train.PROMPT.format(query="What is 1 + 1?")]

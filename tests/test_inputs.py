@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import qmiss
-from qmiss import cli, inputs, train
-from qmiss.data import load_pairs
+from qmiss import cli, demo, inputs, train
+from qmiss.data import load_rows
 from qmiss.plan import CUDA_CONTEXT_BYTES, GiB, MemoryPlan
 from tests.conftest import tiny_llama
 
@@ -112,6 +112,64 @@ def test_bad_data_is_one_clear_line_before_the_model_loads(case, tmp_path, capsy
     assert loader_calls == []
 
 
+def chat(*turns: tuple[str, str], key: str = "messages") -> dict:
+    """A conversation row: ("user", "hi"), ("assistant", "yo"), ... as OpenAI messages or ShareGPT turns."""
+    names = ("role", "content") if key == "messages" else ("from", "value")
+    return {key: [{names[0]: role, names[1]: text} for role, text in turns]}
+
+
+CHAT = chat(("user", "What is 2 + 3?"), ("assistant", "2 + 3 = 5. The answer is: 5"))
+SHAREGPT = chat(("human", "What is 2 + 3?"), ("gpt", "2 + 3 = 5. The answer is: 5"), key="conversations")
+# name: (rows, what the message must say)
+CHAT_CASES = {
+    "unknown-role": ([CHAT, chat(("user", "a"), ("bot", "b"))],
+                     r"d\.jsonl line 2: messages\[1\]\.role 'bot' is not a role \(system, user, assistant\)"),
+    "sharegpt-unknown-role": ([SHAREGPT, chat(("human", "a"), ("bot", "b"), key="conversations")],
+                              r"line 2: conversations\[1\]\.from 'bot' is not a role \(system, human, gpt\)"),
+    "empty-content": ([chat(("user", " "), ("assistant", "b"))], r"line 1: messages\[0\]\.content is an empty string"),
+    "not-text": ([chat(("user", "a"), ("assistant", 5))], r"messages\[1\]\.content is int 5, not text"),
+    "no-assistant-turn": ([CHAT, chat(("system", "s"), ("user", "a"))],
+                          r"line 2: 'messages' has no assistant turn \(nothing to learn\)"),
+    "not-a-list": ([CHAT, {"messages": "hi"}], r"line 2: 'messages' is str, not a list of turns"),
+    "empty-list": ([{"messages": []}], r"line 1: 'messages' is an empty list, not a list of turns"),
+    "turn-not-an-object": ([{"messages": ["hi"]}], r"line 1: messages\[0\] is str, not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_CASES))
+def test_bad_conversations_are_one_clear_line_before_the_model_loads(case, tmp_path, capsys, tiny_model_dir,
+                                                                     loader_calls) -> None:
+    records, message = CHAT_CASES[case]
+    (tmp_path / "d.jsonl").write_text(jsonl(records))
+    argv = data_args(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "out")
+    argv[argv.index("--dataset_field"):argv.index("--dataset_field") + 3] = []  # found by its column
+    status, err = run_train(capsys, *argv)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert "are not usable conversations" in err and loader_calls == []
+
+
+def test_a_template_that_cannot_mark_turns_is_named_by_row_before_loading(tmp_path, capsys, tiny_model_dir,
+                                                                          loader_calls) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    rewriting = ("{% for m in messages %}{% if m['role'] == 'assistant' %}>{% if loop.last %}{{ m['content'] }}"
+                 "{% else %}[past]{% endif %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}>{% endif %}")  # a past assistant turn is written differently
+    (model / "chat_template.jinja").write_text(rewriting)
+    two_turns = chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    (tmp_path / "d.jsonl").write_text(jsonl([CHAT, two_turns, CHAT]))
+    argv = data_args(str(model), tmp_path / "d.jsonl", tmp_path / "out")
+    argv[argv.index("--dataset_field"):argv.index("--dataset_field") + 3] = []
+    status, err = run_train(capsys, *argv)
+    assert status == 2 and err.count("\n") == 1, err
+    assert re.search(r"1 of 3 rows cannot go through the tokenizer's chat template: d\.jsonl line 2: .*cannot mark "
+                     r"the assistant turn messages\[1\]", err), err
+    assert loader_calls == []
+
+
 @pytest.mark.parametrize("split,message", [
     ("train[5:]", r"no rows in 'train\[5:\]'"),
     ("train[:abc]", r"--dataset_split 'train\[:abc\]': Unrecognized instruction format"),
@@ -129,10 +187,10 @@ def test_bad_split_is_named(split, message, tmp_path, capsys, tiny_model_dir, lo
 
 def test_a_split_checks_only_the_rows_it_selects(tmp_path) -> None:
     (tmp_path / "d.jsonl").write_text(jsonl([GOOD, GOOD, {"query": "q"}]))
-    rows = load_pairs(str(tmp_path / "d.jsonl"), "train[:2]", ("query", "response"))
+    rows = load_rows(str(tmp_path / "d.jsonl"), "train[:2]", ("query", "response")).dataset
     assert len(rows) == 2 and rows[0] == GOOD
     with pytest.raises(inputs.InputError, match=r"d\.jsonl line 3: 'response' is missing"):
-        load_pairs(str(tmp_path / "d.jsonl"), "train[1:]", ("query", "response"))
+        load_rows(str(tmp_path / "d.jsonl"), "train[1:]", ("query", "response")).dataset
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
@@ -147,7 +205,7 @@ def test_good_files_of_each_kind_load(suffix, tmp_path) -> None:
         datasets.Dataset.from_list(rows).to_csv(str(path), index=False)
     else:
         path.write_text(json.dumps(rows) if suffix == ".json" else jsonl(rows))
-    loaded = load_pairs(str(path), "train", ("query", "response"))
+    loaded = load_rows(str(path), "train", ("query", "response")).dataset
     assert loaded.column_names == ["query", "response"] and loaded[1]["response"] == "2"
 
 
@@ -157,7 +215,7 @@ def test_parquet_rows_are_named_by_number(tmp_path) -> None:
     datasets.Dataset.from_list([GOOD, {"query": "q", "response": None}]).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(inputs.InputError, match=r"1 of 2 rows lack text in query / response: row 2: 'response' is "
                                                 r"missing"):
-        load_pairs(str(tmp_path / "d.parquet"), "train", ("query", "response"))
+        load_rows(str(tmp_path / "d.parquet"), "train", ("query", "response")).dataset
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, loader_calls, monkeypatch) -> None:
@@ -396,11 +454,14 @@ def test_the_demo_evaluation_shows_progress(tiny_model_dir, capsys) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = qmiss.prepare_qmiss(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), r=16)
-    rows = train.arithmetic_problems(3, seed=0)
+    rows = demo.arithmetic_problems(3, seed=0)
     data = train.DataArguments(prompt_template="{query}\n")
-    accuracy = train.demo_accuracy(model, tokenizer, rows, data, batch_size=2, desc="held-out accuracy, before")
+    prompts = [train.prompt_text(tokenizer, r["query"], data) for r in rows]
+    answers = [r["response"] for r in rows]
+    accuracy = demo.held_out_accuracy(model, tokenizer, prompts, answers, batch_size=2,
+                                      desc="held-out accuracy, before")
     assert 0.0 <= accuracy <= 1.0
     err = capsys.readouterr().err
     assert "held-out accuracy, before" in err and "48/48" in err  # 2 batches × 24 tokens, each one ticked
-    train.demo_accuracy(model, tokenizer, rows, data)
+    demo.held_out_accuracy(model, tokenizer, prompts, answers)
     assert "held-out" not in capsys.readouterr().err  # no label, no bar (benchmarks)

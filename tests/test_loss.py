@@ -404,10 +404,10 @@ def test_long_context_settings_on_a_gpu_in_bf16() -> None:
 
 
 def _rows(tokenizer, n: int = 8) -> list[dict]:
-    from qmiss import train
+    from qmiss import demo, train
 
     data = train.DataArguments()
-    return [train.encode(tokenizer, r["query"], r["response"], data) for r in train.arithmetic_problems(n, 0)]
+    return [train.encode(tokenizer, r["query"], r["response"], data) for r in demo.arithmetic_problems(n, 0)]
 
 
 def test_trainer_with_the_chunked_loss_takes_the_same_steps(tmp_path, tiny_model_dir: str) -> None:

@@ -231,3 +231,40 @@ def test_qmiss_command_lists_its_subcommands(capsys) -> None:
     assert cli.main(["no-such-command"]) == 2
     assert "qmiss {plan,train}" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+def test_plan_follows_packed_sequences(smollm2_dir, checkpointing: bool) -> None:
+    """Packed sequences (qmiss-train's default) make SDPA take a mask: the bool mask, each layer's float copy of it
+    and k/v repeated to every head. The planned difference from an unpacked step is the measured one (±10%)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    base.model.layers = base.model.layers[:4]
+    base.config.num_hidden_layers = 4
+    batch, seq = 2, 1024
+    measured, planned = {}, {}
+    for packing in (False, True):
+        model = qmiss.prepare_qmiss(copy.deepcopy(base), r=64, bits=4, gradient_checkpointing=checkpointing,
+                                    chunked_loss=True)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        # four rows of 256 tokens in each sequence, as qmiss.packing.PackedCollator hands them over
+        packed = {"position_ids": torch.arange(seq).remainder(256).expand(batch, seq), "use_cache": False}
+
+        def step(ids: torch.Tensor = ids, extra: dict = packed if packing else {}) -> None:
+            model(input_ids=ids, labels=ids, **extra).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step(ids[:1, :8], {})  # the optimizer's state
+        measured[packing] = resident_bytes(model, optimizer) + measure_peak(step).peak_bytes
+        planned[packing] = plan_memory(base.config, bits=4, r=64, batch_size=batch, seq_len=seq,
+                                       gradient_checkpointing=checkpointing, optimizer="adamw",
+                                       compute_dtype=torch.float32, chunked_loss=True, packing=packing).peak_bytes
+    assert abs(planned[True] / measured[True] - 1) <= TOLERANCE
+    extra_measured, extra_planned = measured[True] - measured[False], planned[True] - planned[False]
+    assert extra_measured > 0 and abs(extra_planned / extra_measured - 1) <= 0.10, (extra_planned, extra_measured)

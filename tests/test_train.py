@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import qmiss
-from qmiss import train
+from qmiss import demo, train
 from tests.conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def jsonl(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    rows = train.arithmetic_problems(20, seed=3)
+    rows = demo.arithmetic_problems(20, seed=3)
     path.write_text("".join(json.dumps({"question": r["query"], "answer": r["response"]}) + "\n" for r in rows))
     return str(path)
 
@@ -135,7 +135,7 @@ def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str, chu
     model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4,
                                 chunked_loss=chunked_loss)
     start = {n: layer.miss_block.detach().clone() for n, layer in qmiss.miss_layers(model)}
-    rows = [{"prompt": r["query"], "completion": " " + r["response"]} for r in train.arithmetic_problems(16, 0)]
+    rows = [{"prompt": r["query"], "completion": " " + r["response"]} for r in demo.arithmetic_problems(16, 0)]
     config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
                            learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
@@ -169,7 +169,7 @@ def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_mod
     with torch.no_grad():  # inject: one adapter entry of the second layer's MLP goes to inf
         model.model.layers[1].mlp.up_proj.miss_block[0, 0] = float("inf")
     data = train.DataArguments()
-    rows = [train.encode(tokenizer, r["query"], r["response"], data) for r in train.arithmetic_problems(8, 0)]
+    rows = [train.encode(tokenizer, r["query"], r["response"], data) for r in demo.arithmetic_problems(8, 0)]
     trainer = train.QMissTrainer(
         model=model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
@@ -179,3 +179,61 @@ def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_mod
                                                  r"model\.layers\.1\.mlp\.up_proj"):
         trainer.train()
     assert not (tmp_path / "adapter_model.safetensors").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def conversations(n: int) -> list[list[dict[str, str]]]:
+    """Multi-turn conversations built from the arithmetic problems: two questions, two worked answers."""
+    problems = demo.arithmetic_problems(2 * n, seed=5)
+    return [[{"role": "system", "content": "Answer with a worked sum."},
+             {"role": "user", "content": a["query"]}, {"role": "assistant", "content": a["response"]},
+             {"role": "user", "content": b["query"]}, {"role": "assistant", "content": b["response"]}]
+            for a, b in zip(problems[::2], problems[1::2])]
+
+
+def write_conversations(path, form: str, talks: list) -> str:
+    from datasets import Dataset
+
+    sharegpt = [[{"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]), "value": t["content"]}
+                 for t in talk] for talk in talks]
+    if form == "messages-jsonl":
+        path = path / "chat.jsonl"
+        path.write_text("".join(json.dumps({"messages": t}) + "\n" for t in talks))
+    elif form == "sharegpt-json":
+        path = path / "chat.json"
+        path.write_text(json.dumps([{"conversations": t, "id": i} for i, t in enumerate(sharegpt)]))
+    elif form == "messages-parquet":
+        path = path / "chat.parquet"
+        Dataset.from_list([{"messages": t} for t in talks]).to_parquet(str(path))
+    else:  # a folder written by datasets' save_to_disk
+        path = path / "saved"
+        Dataset.from_list([{"conversations": t} for t in sharegpt]).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("form", ["messages-jsonl", "sharegpt-json", "messages-parquet", "sharegpt-saved-dataset"])
+def test_conversations_train_on_every_assistant_turn(form: str, tmp_path, tiny_model_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    talks = conversations(12)
+    data = write_conversations(tmp_path, form, talks)
+    rows = train.load_rows(train.DataArguments(data_path=data))
+    assert rows.kind == "conversations" and rows.dataset[0]["messages"] == talks[0]  # ShareGPT made OpenAI-style
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = train.encode_rows(rows, tokenizer, train.DataArguments(data_path=data))
+    learned = tokenizer.decode([t for t in encoded[0]["labels"] if t != -100])
+    assert learned == f"{talks[0][2]['content']}<|im_end|>{talks[0][4]['content']}<|im_end|>"  # both answers only
+
+    summary = train.run(["--base_model_name_or_path", tiny_model_dir, "--data_path", data, "--output_dir",
+                         str(tmp_path / "out"), "--miss_r", "16", "--max_steps", "2", "--per_device_train_batch_size",
+                         "2", "--report_to", "none", "--use_cpu"])
+    assert summary["rows"] == "conversations" and summary["steps"] == 2 and summary["row_count"] == 12
+    recorded = json.loads((tmp_path / "out" / "qmiss_train_args.json").read_text())
+    assert recorded["data"]["rows"] == "conversations"  # generate.py prompts such an adapter with the template
+
+
+def test_packing_false_pads_each_batch_and_trains_the_same_rows(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    packed = train.run(args(tiny_model_dir, jsonl, tmp_path / "packed", "--max_steps", "2"))
+    padded = train.run(args(tiny_model_dir, jsonl, tmp_path / "padded", "--max_steps", "2", "--packing", "false"))
+    assert packed["packing"] and not padded["packing"]
+    assert packed["row_tokens"] == padded["row_tokens"] and padded["sequences"] == padded["row_count"] == 20
+    assert packed["sequences"] < packed["row_count"]  # 20 short rows share a few 512-token sequences
