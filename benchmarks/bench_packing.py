@@ -119,10 +119,10 @@ def packed_equals_rows(model, batch: dict, rows_by_ids: dict) -> float:
 
 def measure(rows: list[dict], batch: int, length: int, base, tokenizer) -> dict:
     mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    packed_batch = max(1, round(batch * mean / length))
+    packed_batch = math.ceil(batch * mean / length)  # sequences holding at least a padded batch's tokens
     batches = {"padded": padded_batches(rows, batch, tokenizer),
                "packed": packed_batches(rows, length, packed_batch, tokenizer.pad_token_id)}
-    models = {k: copy.deepcopy(base).train() for k in batches}
+    models = {k: qmiss.prepare_qmiss(copy.deepcopy(base), r=64, bits=4, chunked_loss=True).train() for k in batches}
     exact = packed_equals_rows(models["packed"], batches["packed"][0],
                                {tuple(r["input_ids"]): r for r in rows})
     seconds = train_interleaved(models, batches)
@@ -144,15 +144,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1024, help="tokens per packed sequence (skewed set)")
     parser.add_argument("--demo-rows", type=int, default=192)
     parser.add_argument("--demo-batch", type=int, default=16, help="rows per padded batch (demo set)")
-    parser.add_argument("--demo-length", type=int, default=512, help="tokens per packed sequence (demo set)")
+    parser.add_argument("--demo-length", type=int, default=256, help="tokens per packed sequence (demo set)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_packing.md"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-    base = qmiss.prepare_qmiss(base, r=64, bits=4, chunked_loss=True)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)  # each method prepares a copy
     report = Report(args.out)
     report.add(f"## bench_packing: `python {' '.join(sys.argv)}`\n")
     report.add(f"SmolLM2-135M-Instruct 4-bit nf4 (double quant), qmiss default r=64 on every decoder linear, chunked "
@@ -166,6 +165,8 @@ def main() -> None:
     sets = [("skewed 32–1,024 tokens", skewed_rows(args.rows, base.config.vocab_size), args.batch, args.length),
             ("built-in demo problems", demo_rows(args.demo_rows, tokenizer), args.demo_batch, args.demo_length)]
     for name, rows, batch, length in sets:
+        if not rows:  # --rows 0 / --demo-rows 0: that set is skipped
+            continue
         r = measure(rows, batch, length, base, tokenizer)
         p, q = r["packed"], r["padded"]
         report.add(f"{name}: padded {q['tokens_s']:.0f} tokens/s ({q['steps']} steps, {q['seconds']:.1f} s, peak "

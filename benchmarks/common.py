@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import os
+import platform
 import re
 import statistics
 import time
@@ -38,10 +39,11 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 def machine_line() -> str:
     """Where a benchmark ran: device, its name, threads and compute dtype."""
-    import platform
-
     device, dtype = device_and_dtype()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:  # which of torch's CPU kernels run here (AVX2, AVX512): machines differ
+        name = f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels"
     return f"device {device} ({name}, {torch.get_num_threads()} threads), compute {dtype}"
 
 
@@ -288,8 +290,26 @@ def table(results: list[Result], reference: str, title: str) -> str:
     return "\n".join(lines)
 
 
+#: the packages whose versions a benchmark's figures depend on (constraints.txt pins them).
+PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "datasets", "peft", "trl")
+
+
+def versions_line() -> str:
+    """"Packages: torch 2.13.0+cpu, transformers 5.25.0, ...": what made the figures (absent ones are skipped)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return f"Packages: {', '.join(found)}; Python {platform.python_version()}."
+
+
 class Report:
-    """Prints each part as it is measured and rewrites the markdown file after each (atomically)."""
+    """Prints each part as it is measured and rewrites the markdown file after each (atomically). The first part
+    (a benchmark's title and command) is followed by :func:`versions_line`."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -298,6 +318,8 @@ class Report:
     def add(self, text: str) -> None:
         print(text, flush=True)
         self.parts.append(text)
+        if len(self.parts) == 1:
+            self.parts.append(versions_line() + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("\n".join(self.parts) + "\n")

@@ -22,6 +22,7 @@ fi
 "$PY" benchmarks/bench_convergence.py
 "$PY" benchmarks/bench_export.py
 "$PY" benchmarks/bench_dpo.py
+"$PY" benchmarks/bench_packing.py
 if [ "${1:-}" = "--bat" ]; then
   "$PY" benchmarks/bench_bat.py
 fi

@@ -57,7 +57,7 @@ class _Progress(StoppingCriteria):
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
+def held_out_accuracy(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 128,
                       desc: Optional[str] = None) -> float:
     """Exact match of the final number, generating greedily for many prompts at once (left-padded batches).
 

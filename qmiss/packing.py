@@ -26,10 +26,8 @@ from qmiss.encode import IGNORE
 def pack(dataset, length: int):
     """``dataset`` (``input_ids``, ``labels``) packed into sequences of at most ``length`` tokens, with a
     ``seq_lengths`` column (the length of each row in each sequence)."""
-    try:
-        from trl import pack_dataset
-    except ImportError:
-        raise ImportError("packing needs TRL's packer — pip install trl, or pass --packing false") from None
+    from trl import pack_dataset  # here, not at the top: importing TRL takes seconds, and only packing needs it
+
     return pack_dataset(dataset, seq_length=length, strategy="bfd")
 
 
