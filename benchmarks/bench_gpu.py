@@ -166,7 +166,7 @@ def _qmiss(mode: str) -> Callable[[nn.Module], nn.Module]:
 
 def _peft(inject: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
     def build(model: nn.Module) -> nn.Module:
-        from qmiss.model import enable_checkpointing
+        from qmiss.prepare import enable_checkpointing
 
         model = inject(model)
         enable_checkpointing(model)  # the transformers call prepare_qmiss(gradient_checkpointing=True) makes

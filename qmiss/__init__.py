@@ -4,25 +4,16 @@
     >>> qmiss.trainable_parameters(model)
 """
 
-from qmiss.config import QMissConfig
+from qmiss.adapters import load_adapter, read_adapter, save_adapter
+from qmiss.config import QMissConfig, __version__
+from qmiss.export import export_lora, export_merged
 from qmiss.fsdp import fsdp_auto_wrap_policy, fsdp_mixed_precision
-from qmiss.io import (
-    export_lora,
-    export_merged,
-    from_pretrained,
-    load_adapter,
-    merge,
-    merge_and_unload,
-    read_adapter,
-    save_adapter,
-    unmerge,
-)
 from qmiss.layer import MissLinear
 from qmiss.memory import PeakReport, measure_peak, resident_bytes
+from qmiss.methods import merge_and_unload
+from qmiss.model import adapter_state_dict, disable_adapter, merge, miss_layers, trainable_parameters, unmerge
 from qmiss.plan import MemoryPlan, plan_memory
-from qmiss.model import adapter_state_dict, disable_adapter, miss_layers, prepare_qmiss, trainable_parameters
-
-__version__ = "0.1.0"
+from qmiss.prepare import from_pretrained, prepare_qmiss
 
 __all__ = [
     "MemoryPlan",

@@ -7,12 +7,16 @@ coming from ``peft.MissConfig`` can keep the spelling they know.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib.metadata
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
 
 from qmiss.inputs import InputError, spelled
+
+#: qmiss's version (pyproject.toml's, as installed), recorded in every adapter folder (``qmiss_config.json``).
+__version__ = importlib.metadata.version("qmiss")
 
 Mode = Literal["default", "mini", "bat"]
 MODES: tuple[str, ...] = ("default", "mini", "bat")
@@ -227,8 +231,6 @@ class QMissConfig:
         Args:
             modules: each adapted module's path and its base's (in_features, out_features).
         """
-        from qmiss import __version__
-
         return {
             "version": __version__,
             "mode": self.mode,

@@ -20,6 +20,14 @@ ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils"]
 #: tokens generated per answer: a worked answer is about 20.
 MAX_NEW_TOKENS = 24
 
+#: The built-in demo's recipe, for the flags the user did not give. Its rows are 30-70 tokens: 256-token packed
+#: sequences, 4 a step (about 18 problems), 60 steps (a little over one pass of 960 problems). The learning rate
+#: sits in MiSS default's plateau (bench_convergence: best 3e-4, 6% at 3e-3), where floating-point differences
+#: between machines and thread counts do not grow into different runs (2e-3 gave 28-42% run to run).
+DEMO_DEFAULTS = {"prompt_template": "{query}\n", "model_max_length": 256, "learning_rate": 3e-4,
+                 "per_device_train_batch_size": 4, "max_steps": 60, "warmup_steps": 6, "lr_scheduler_type": "cosine",
+                 "logging_steps": 10, "save_strategy": "no", "report_to": "none"}
+
 
 def arithmetic_problems(n: int, seed: int) -> list[dict[str, str]]:
     """MetaMathQA-shaped pairs: a one-step word problem, a worked response ending "The answer is: N"."""

@@ -16,9 +16,13 @@ import functools
 import os
 import re
 import socket
+import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
+
+import datasets.config as datasets_config
+import huggingface_hub.constants as hub_constants
 
 
 class InputError(ValueError):
@@ -110,13 +114,11 @@ def check_output_dir(name: str, what: str = "--output_dir") -> Path:
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub endpoint (``HF_ENDPOINT``) answers a TCP connection; False in offline mode."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    if hub_constants.HF_HUB_OFFLINE:
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a direct connection says nothing about the proxy; leave it to huggingface_hub
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hub_constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
             return True
@@ -132,13 +134,7 @@ def hub_access() -> Iterator[bool]:
     if reachable:
         yield True
         return
-    import huggingface_hub.constants as hub_constants
-
-    saved = [(hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE)]
-    with contextlib.suppress(ImportError):
-        import datasets.config as datasets_config
-
-        saved.append((datasets_config, "HF_HUB_OFFLINE", datasets_config.HF_HUB_OFFLINE))
+    saved = [(module, "HF_HUB_OFFLINE", module.HF_HUB_OFFLINE) for module in (hub_constants, datasets_config)]
     for module, attr, _ in saved:
         setattr(module, attr, True)
     try:
@@ -151,3 +147,15 @@ def hub_access() -> Iterator[bool]:
 def debug_requested(argv: list[str]) -> bool:
     """``--debug`` on the command line or ``QMISS_DEBUG`` set: show tracebacks of input errors."""
     return "--debug" in argv or os.environ.get("QMISS_DEBUG", "") not in ("", "0")
+
+
+def exit_status(prog: str, argv: list[str], command: Callable[[], int]) -> int:
+    """Run a command (``qmiss-train``, ``qmiss plan``): its exit status, or 2 after one line
+    ``<prog>: error: <message>`` on stderr for an :class:`InputError` (its traceback with ``--debug``)."""
+    try:
+        return command()
+    except InputError as exc:
+        if debug_requested(argv):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

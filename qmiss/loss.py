@@ -24,13 +24,12 @@ training forward return this loss; evaluation and generation are left alone.
 
 from __future__ import annotations
 
-import inspect
-import re
 import threading
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from qmiss.inputs import InputError
 
@@ -220,59 +219,47 @@ def chunked_cross_entropy(
 
 # --- on a transformers model ------------------------------------------------------------------------------------
 
-#: an assignment statement to ``logits`` (PEP 8 spacing; ``logits=logits,`` keyword arguments do not match).
-_LOGITS_LINE = re.compile(r"^\s*logits = (.+?)\s*(#.*)?$", re.MULTILINE)
+#: How a transformers causal LM changes its head's output before the loss: a field of its (text) config and
+#: what the model's forward does with it. tests/test_loss.py reads every modeling file of transformers and
+#: checks that each statement changing the logits after the head is described here.
+LOGIT_FIELDS = {"final_logit_softcapping": "softcap", "logit_scale": "multiply", "logits_scaling": "divide",
+                "output_multiplier": "multiply", "lm_head_multiplier": "multiply"}
+#: model types that use one of those fields otherwise: the other way round, or not at all (None).
+LOGIT_FIELDS_BY_MODEL = {"hyperclovax": {"logits_scaling": "multiply"},
+                         "hyperclovax_vision_v2": {"logits_scaling": "multiply"},
+                         "mpt": {"logit_scale": None}}  # MPT's config has it; transformers' MptForCausalLM ignores it
 
 
 def logit_transform(model: nn.Module) -> tuple[float, Optional[float]]:
-    """(scale, softcap) the model's forward applies to the head's output before its loss.
-
-    Reads the ``logits = ...`` statements of ``type(model).forward``: the head call, scaling by
-    ``logit_scale`` (Cohere) or ``logits_scaling`` (Granite), and ``final_logit_softcapping``
-    (Gemma 2/3) are understood; anything else is refused.
+    """(scale, softcap) the model's forward applies to the head's output before its loss, from its config:
+    :data:`LOGIT_FIELDS` (softcapping as Gemma 2/3, scaling as Cohere and Granite …).
 
     Raises:
-        InputError: the forward changes the logits in a way not reproduced here, naming the statement.
+        InputError: the model's forward is not transformers' own (a subclass that overrides it, remote
+            code), so what it does to the logits cannot be known from its config.
     """
     name = type(model).__name__
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):  # no source (a .pyc-only install): only a model that sets none of these passes
-        set_ = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                            "lm_head_multiplier") if getattr(config, k, None) is not None]
-        if set_:
-            raise InputError(f"chunked_loss: {name}'s config sets {set_} but the source of {name}.forward cannot "
-                             "be read to see how it applies them; pass chunked_loss=False for this model")
-        source = ""
-    scale, softcap = 1.0, None
-    for match in _LOGITS_LINE.finditer(source):
-        rhs = match.group(1)
-        if "lm_head(" in rhs or "get_output_embeddings()(" in rhs:
-            continue
-        if "softcap" in rhs or rhs in ("torch.tanh(logits)", "logits.tanh()"):
-            softcap = getattr(config, "final_logit_softcapping", None)
-            if softcap is None:
-                softcap = getattr(model, "final_logit_softcapping", None)
-            continue
-        if "logit_scale" in rhs:
-            value = getattr(model, "logit_scale", None)
-            value = getattr(config, "logit_scale", None) if value is None else value
-            scale = scale * float(value if value is not None else 1.0)
-            continue
-        if "logits_scaling" in rhs:
-            value = float(config.logits_scaling)
-            scale = scale / value if "/" in rhs else scale * value
-            continue
-        raise InputError(f"chunked_loss: {name}.forward changes the logits after the head with "
-                         f"`logits = {rhs}`, which the chunked loss does not reproduce; pass chunked_loss=False "
+    module = getattr(type(model).forward, "__module__", "") or ""
+    if not module.startswith("transformers."):
+        origin = module or "an unknown module"
+        raise InputError(f"chunked_loss: {name}.forward is not transformers' own (it comes from {origin}), so what "
+                         "it does to the logits after the head is not known; pass chunked_loss=False "
                          "(--chunked_loss false) for this model")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rules = {**LOGIT_FIELDS, **LOGIT_FIELDS_BY_MODEL.get(getattr(model.config, "model_type", None), {})}
+    scale, softcap = 1.0, None
+    for field, use in rules.items():
+        value = getattr(config, field, None)
+        if value is None or use is None:
+            continue
+        if use == "softcap":
+            softcap = float(value)
+        else:
+            scale = scale * float(value) if use == "multiply" else scale / float(value)
     return scale, softcap
 
 
 def _is_causal_lm_loss(model: nn.Module) -> bool:
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
@@ -288,10 +275,13 @@ def check_model(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tup
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise InputError(f"chunked_loss: {name} has no output head (get_output_embeddings() is None); "
                          "it is for causal LMs — pass chunked_loss=False")
-    if not head.weight.is_floating_point() or type(head).__name__ == "MissLinear":
+    if not head.weight.is_floating_point() or not isinstance(head, nn.Linear):  # packed, or wrapped by qmiss
         raise InputError(f"chunked_loss: {name}'s output head is {type(head).__name__} with "
                          f"{head.weight.dtype} weights (quantized or adapted); the chunked loss needs a plain "
                          "float head — leave the head out of target_modules, or pass chunked_loss=False")
+    if type(head) is not nn.Linear:
+        raise InputError(f"chunked_loss: {name}'s output head is a {type(head).__name__}, not an nn.Linear, and "
+                         "may compute more than x·Wᵀ + b; pass chunked_loss=False for this model")
     if not _is_causal_lm_loss(model):
         raise InputError(f"chunked_loss: {name} computes its loss with {getattr(model, 'loss_type', None)!r}, "
                          "not the causal-LM cross-entropy; pass chunked_loss=False")

@@ -35,6 +35,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from qmiss.inputs import InputError
+
 MiB = 2**20
 
 
@@ -202,8 +204,6 @@ def check_host_embeddings(model: nn.Module) -> nn.Module:
     Raises:
         InputError: no ``nn.Embedding`` input table, or one tied to the output head (which needs it on the GPU).
     """
-    from qmiss.inputs import InputError
-
     name = type(model).__name__
     get_in = getattr(model, "get_input_embeddings", None)
     embeddings = get_in() if callable(get_in) else None

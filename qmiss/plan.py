@@ -20,11 +20,8 @@ share; they are checked against :func:`qmiss.measure_peak` in the tests.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -32,10 +29,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from qmiss.config import MODES, QMissConfig
-from qmiss.gguf_file import gguf_config, is_gguf
-from qmiss.inputs import (InputError, MissingPathError, check_local_path, debug_requested, hub_access, spelled,
-                          spelled_as)
+from qmiss.config import QMissConfig
+from qmiss.inputs import InputError, spelled
+from qmiss.loss import chunk_bytes_per_token, chunk_tokens
+from qmiss.model import check_targets, output_head
+from qmiss.offload import check_host_embeddings
+from qmiss.ops import chunk_rows
+from qmiss.sources import load_hf_config, meta_model
 
 GiB = 2**30
 MiB = 2**20
@@ -97,71 +97,6 @@ class MemoryPlan:
                      "context): " + "  ".join(f"{gib} {'yes' if ok else 'no'}" for gib, ok in self.cards().items()))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def load_hf_config(config, what: str = "config"):
-    """A transformers config from a config object or dict, a config.json, a model folder, a GGUF file or a hub id.
-
-    Args:
-        what: how to name ``config`` in errors, e.g. "--config".
-
-    Raises:
-        MissingPathError: a path that does not exist (at once, with no hub request), or no such hub model.
-        InputError: a file that is not a transformers config.
-    """
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config, PretrainedConfig):
-        return config
-    if isinstance(config, dict):
-        model_type = config.get("model_type")
-        if not model_type:
-            raise InputError(f"{what}: the dict has no 'model_type'; pass a transformers config or a config.json path")
-        return AutoConfig.for_model(**config)
-    name = os.fspath(config)
-    path = check_local_path(name, what)
-    if path is None:
-        with hub_access() as online:
-            try:
-                return AutoConfig.from_pretrained(name)
-            except (OSError, ValueError) as exc:
-                reach = "" if online else " (the hub cannot be reached: only the local cache was searched)"
-                raise MissingPathError(f"{what} {name}: not a local file or folder, and no hub model of that name "
-                                       f"could be read{reach}") from exc
-    if path.is_file() and is_gguf(path):
-        return gguf_config(path, what)
-    try:
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise MissingPathError(f"{what} {name}: the folder has no config.json; pass a model folder or a "
-                                       "config.json file")
-            return AutoConfig.from_pretrained(str(path))
-        return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _config_from_json(path)
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{what} {name}: not a readable transformers config ({exc})") from exc
-
-
-def _config_from_json(path: Path):
-    from transformers import AutoConfig
-
-    try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(payload, dict) or "model_type" not in payload:
-        raise InputError(f"{path}: no 'model_type' field; pass a model's config.json")
-    return AutoConfig.for_model(**payload)
-
-
-def meta_model(config) -> nn.Module:
-    """The model ``config`` describes, on the meta device: shapes, no storage."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=True):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _quantized_bytes(n_in: int, n_out: int, bits: Optional[int], double_quant: bool, base_itemsize: int) -> int:
@@ -251,8 +186,6 @@ def plan_memory(
     bits = qconfig.bits  # 16 means None
     hf_config = load_hf_config(config, spelled("config"))
     base_dtype = base_dtype or compute_dtype
-    from qmiss.model import _output_head, check_targets
-
     model = meta_model(hf_config)
     targets = check_targets(model, qconfig)
     modules = dict(model.named_modules())
@@ -269,7 +202,7 @@ def plan_memory(
     label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales", None: "16-bit target weights"}[bits]
     items[label] = quantized + biases
 
-    head = _output_head(model)
+    head = output_head(model)
     upcast = set()
     if bits is not None and fp32_norms:  # QLoRA's habit, on request: norms and the head in fp32
         upcast = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
@@ -294,8 +227,6 @@ def plan_memory(
             other += size
     embed_host = 0
     if embeddings_on_host:
-        from qmiss.offload import check_host_embeddings
-
         table = check_host_embeddings(model).weight
         embed_host = table.numel() * e_base
         items["lm_head (input embeddings on the host)"] = embed_head - embed_host
@@ -399,8 +330,6 @@ def plan_memory(
         items["attention mask: packed sequences (bool, batch × seq²)"] = mask
     layer_phase = in_layer + mask + max(mlp_grads, at_projection) + grads
     if chunked_loss:
-        from qmiss.loss import chunk_bytes_per_token, chunk_tokens
-
         softcap = getattr(hf_config, "final_logit_softcapping", None) is not None
         rows = min(tokens, chunk_tokens(vocab, loss_chunk_bytes, e, softcap))
         # one chunk's logits and gradient; the head's input (N, H), its copy in the matmul dtype, its gradient
@@ -471,8 +400,6 @@ def _decoder_layers(model: nn.Module) -> list[str]:
 
 def _bat_chunk_bytes(modules: dict, targets: list[str], r: int, budget: int, e: int) -> int:
     """The largest pair of dequantized chunk buffers bat holds at once (see qmiss.ops.chunk_rows)."""
-    from qmiss.ops import chunk_rows
-
     worst = 0
     for name in targets:
         n_in, n_out = modules[name].in_features, modules[name].out_features
@@ -480,67 +407,3 @@ def _bat_chunk_bytes(modules: dict, targets: list[str], r: int, budget: int, e: 
         rows = chunk_rows(n_out, n_in, r, alignment, budget, e)
         worst = max(worst, 2 * rows * n_in * e)
     return worst
-
-
-# --- the `qmiss plan` command ---------------------------------------------------------------------------------
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: plan_memory's arguments and the `qmiss plan` flags that set them, for error messages.
-FLAGS = {"config": "--config", "r": "--r", "mini_r": "--mini_r", "mode": "--mode", "bits": "--bits",
-         "batch_size": "--batch", "seq_len": "--seq", "optimizer": "--optimizer"}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="qmiss plan", description="Plan the GPU memory of a qmiss fine-tune.")
-    parser.add_argument("--config", required=True,
-                        help="config.json, a model folder, a GGUF file, or a hub model id")
-    parser.add_argument("--bits", default="4", choices=["4", "8", "16"], help="base quantization (16: none)")
-    parser.add_argument("--r", type=int, default=64)
-    parser.add_argument("--mode", default="default", choices=list(MODES))
-    parser.add_argument("--mini_r", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
-    parser.add_argument("--optimizer", default="paged_adamw_8bit", help=f"one of {', '.join(sorted(OPTIMIZERS))}")
-    parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--chunked-loss", action="store_true",
-                        help="the loss chunk by chunk of tokens, no full logits (qmiss-train's default)")
-    parser.add_argument("--loss-chunk-mib", type=int, default=64, help="chunked loss: MiB per chunk")
-    parser.add_argument("--offload-activations", action="store_true",
-                        help="checkpointed layer inputs wait in pinned host memory until backward")
-    parser.add_argument("--embeddings-on-host", action="store_true",
-                        help="the input embedding table stays in host memory (not for tied embeddings)")
-    parser.add_argument("--packing", action="store_true",
-                        help="--batch packed sequences of --seq tokens (qmiss-train's default): SDPA's block-diagonal "
-                             "mask")
-    parser.add_argument("--gpu-gib", "--gpu-gb", dest="gpu_gib", type=float, default=None,
-                        help="say whether it fits a card of this many GiB (an '8 GB' card has 8 GiB); exit status 1 "
-                             "if not")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error "
-                        "(also QMISS_DEBUG=1); without it an input error prints one line and exits with status 2")
-    args = parser.parse_args(argv)
-    try:
-        if args.loss_chunk_mib <= 0:
-            raise InputError(f"--loss-chunk-mib {args.loss_chunk_mib} must be a positive number of MiB, e.g. 64")
-        with spelled_as(FLAGS):
-            plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
-                               mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
-                               gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                               compute_dtype=DTYPES[args.compute_dtype], chunked_loss=args.chunked_loss,
-                               loss_chunk_bytes=args.loss_chunk_mib * MiB, offload_activations=args.offload_activations,
-                               embeddings_on_host=args.embeddings_on_host, packing=args.packing)
-    except InputError as exc:
-        if args.debug or debug_requested([]):
-            raise
-        print(f"qmiss plan: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase, "items": plan.items,
-                          "settings": plan.settings, "cards": plan.cards()}, indent=2))
-    else:
-        print(plan.table())
-    if args.gpu_gib is not None:
-        print(plan.verdict(args.gpu_gib))
-        return 0 if plan.fits(args.gpu_gib) else 1
-    return 0

@@ -35,22 +35,23 @@ from transformers import (
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
 )
 
-import qmiss
 from qmiss import data as rows_io
+from qmiss.adapters import atomic_write_json
 from qmiss.config import QMissConfig, default_compute_dtype, mode_from_init_weights
-from qmiss.demo import arithmetic_problems, held_out_accuracy
+from qmiss.demo import DEMO_DEFAULTS, arithmetic_problems, held_out_accuracy
 from qmiss.encode import IGNORE, ChatTemplateError, Encoder, chat_prompt
-from qmiss.fsdp import update_fsdp_plugin
 from qmiss.gguf_file import converted_folder, is_gguf, load_tokenizer
-from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, debug_requested, few,
+from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, exit_status, few,
                           hub_access, spelled_as)
-from qmiss.io import atomic_write_json, load_adapter
+from qmiss.model import check_targets, trainable_parameters
 from qmiss.packing import PackedCollator, pack
+from qmiss.prepare import check_long_context, prepare_qmiss
 from qmiss.smollm import smollm2_path
+from qmiss.sources import load_hf_config, meta_model
+from qmiss.trainer import COMPLETE_MARKER, QMissTrainer, last_complete_checkpoint
 
 # The reference script's prompt (Alpaca-style, as used for MetaMathQA).
 PROMPT = (
@@ -61,15 +62,6 @@ BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 #: prepare_qmiss's arguments and the qmiss-train flags that set them, for error messages.
 FLAGS = {"r": "--miss_r", "mini_r": "--mini_r", "mode": "--mode", "init_weights": "--init_weights", "bits": "--bits",
          "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules"}
-#: The built-in demo's recipe, for the flags the user did not give. Its rows are 30-70 tokens: 256-token packed
-#: sequences, 4 a step (about 18 problems), 60 steps (a little over one pass of 960 problems). The learning rate
-#: sits in MiSS default's plateau (bench_convergence: best 3e-4, 6% at 3e-3), where floating-point differences
-#: between machines and thread counts do not grow into different runs (2e-3 gave 28-42% run to run).
-DEMO_DEFAULTS = {"prompt_template": "{query}\n", "model_max_length": 256, "learning_rate": 3e-4,
-                 "per_device_train_batch_size": 4, "max_steps": 60, "warmup_steps": 6, "lr_scheduler_type": "cosine",
-                 "logging_steps": 10, "save_strategy": "no", "report_to": "none"}
-
-
 @dataclass
 class ModelArguments:
     base_model_name_or_path: Optional[str] = field(
@@ -247,9 +239,6 @@ def check_model_args(model_args: ModelArguments) -> str:
         InputError: a flag out of range, a model path that does not exist (at once, no hub request), a model
             that cannot be found, or shapes the settings do not fit; each names the flag as typed.
     """
-    from qmiss.model import check_long_context, check_targets
-    from qmiss.plan import load_hf_config, meta_model
-
     if model_args.bits not in BITS:
         raise InputError(f"--bits {model_args.bits!r} is not one of {list(BITS)}")
     if model_args.loss_chunk_mib <= 0:
@@ -311,44 +300,9 @@ def load_model(model_args: ModelArguments, device: torch.device, path: Optional[
         except OSError as exc:
             raise MissingPathError(f"--base_model_name_or_path {path}: could not be loaded ({exc})") from exc
     with spelled_as(FLAGS):
-        model = qmiss.prepare_qmiss(model, **_qmiss_settings(model_args))
+        model = prepare_qmiss(model, **_qmiss_settings(model_args))
     model.qmiss_config.base_model_name_or_path = model_args.base_model_name_or_path or "SmolLM2-135M-Instruct"
     return model
-
-
-def first_nonfinite_module(model: torch.nn.Module, inputs: dict) -> Optional[str]:
-    """Re-run a forward pass and name the first module (in execution order) whose output is NaN or inf."""
-    found: list[str] = []
-
-    def hook(name: str):
-        def check(module, args, output) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
-            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not out.isfinite().all():
-                found.append(name)
-        return check
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-COMPLETE_MARKER = "qmiss_checkpoint_complete.json"
-
-
-def last_complete_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished; half-written ones are skipped with a warning."""
-    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for folder in folders:
-        if (folder / COMPLETE_MARKER).is_file():
-            return str(folder)
-        warnings.warn(f"{folder} is incomplete (its save was interrupted); skipping it for an earlier checkpoint")
-    return None
 
 
 def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
@@ -369,39 +323,6 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
         raise InputError(f"--resume_from_checkpoint {resume}: the checkpoint is incomplete or not a qmiss-train "
                          f"checkpoint; use 'last' to pick the newest complete one in {output_dir}")
     return resume
-
-
-class QMissTrainer(Trainer):
-    """A Trainer that resumes from adapter-only checkpoints, marks each finished checkpoint complete, and stops
-    on a non-finite loss before an optimizer step can poison the adapter. (Saves hold the adapter, never the
-    frozen base, through the model's own ``save_pretrained``: see qmiss/hf.py.)"""
-
-    def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
-        loss = super().training_step(model, inputs, *args, **kwargs)
-        if not torch.isfinite(loss).all():
-            culprit = first_nonfinite_module(model, self._prepare_inputs(inputs))
-            where = f"; first non-finite output: {culprit}" if culprit else ""
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}{where}; stopped before the "
-                "optimizer step, nothing saved — lower --learning_rate, check the data, or resume from a checkpoint")
-        return loss
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        if self.is_fsdp_enabled:  # as transformers does for PEFT models: adapters in units of their own
-            update_fsdp_plugin(self.accelerator.state.fsdp_plugin, self.model)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # the commit record, written last: a folder without it was cut short
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": self.state.global_step})
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter(model or self.model, resume_from_checkpoint, trainable=True)
-
-    def _load_best_model(self) -> None:
-        load_adapter(self.model, self.state.best_model_checkpoint, trainable=True)
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -537,7 +458,7 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     if data_args.packing:
         dataset = pack(dataset, data_args.model_max_length)
     model = load_model(model_args, device, path)
-    trainable, total = qmiss.trainable_parameters(model)
+    trainable, total = trainable_parameters(model)
 
     held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else []
     prompts = [prompt_text(tokenizer, row["query"], data_args) for row in held_out]
@@ -577,14 +498,12 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
 def main(argv: Optional[list[str]] = None) -> int:
     """The ``qmiss-train`` console script (and ``qmiss train``): exit status 0, or 2 for an input error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def train() -> int:
         run(argv)
-    except InputError as exc:
-        if debug_requested(argv):
-            raise
-        print(f"qmiss-train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return exit_status("qmiss-train", argv, train)
 
 
 if __name__ == "__main__":

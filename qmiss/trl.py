@@ -54,7 +54,7 @@ except ImportError as exc:
 
 from qmiss.layer import MissLinear
 from qmiss.model import disable_adapter, miss_layers
-from qmiss.train import QMissTrainer
+from qmiss.trainer import QMissTrainer
 
 __all__ = ["DPOTrainer", "KTOTrainer"]
 

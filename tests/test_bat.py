@@ -9,8 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qmiss import MissLinear, ops, quant
 from qmiss.memory import measure_peak
-from tests.conftest import make_base
-from tests.test_ops import ref_bat_delta
+from tests.helpers import make_base
+from tests.helpers import ref_bat_delta
 
 N_IN, N_OUT, R = 128, 160, 16  # 10 row-blocks
 ROW_BYTES = 2 * N_IN * 4  # a chunk holds W_c and W'_c in fp32

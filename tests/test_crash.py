@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import qmiss
 from qmiss import train
-from tests.test_train import args, jsonl  # noqa: F401 (fixtures)
+from tests.helpers import train_args as args
 
 # Runs qmiss-train and SIGKILLs itself while writing checkpoint-KILL_AT: after the adapter, before the optimizer.
 KILLER = """

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import qmiss
-from qmiss import MissLinear, quant
-from tests.conftest import load, make_base, mode_kwargs, tiny_llama
-from tests.test_layer import MODES, randomize, reference
+from qmiss import MissLinear
+from tests.helpers import load, make_base, mode_kwargs, tiny_llama
+from tests.helpers import MODES, randomize, reference
 
 
 def _layer_inputs(model, ids: torch.Tensor, autocast: bool) -> tuple[list[torch.dtype], torch.Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import qmiss
-from tests.conftest import tiny_llama
-from tests.test_train import jsonl  # noqa: F401 (a fixture)
+from tests.helpers import free_port, tiny_llama, train_args as args
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 
@@ -55,14 +53,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os._exit(0)  # skip C++ static destructors, as in _fsdp_worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
@@ -93,12 +85,11 @@ def test_qmiss_train_two_processes(tmp_path, tiny_model_dir: str, jsonl: str, la
     import subprocess
     import sys
 
-    from tests.test_train import args
 
     out = tmp_path / "run"
     # torchrun pads rows; accelerate packs them, 96 tokens a sequence (qmiss-train's default, packing)
     rows = ["--packing", "false"] if launcher == "torchrun" else ["--model_max_length", "96"]
-    command = [sys.executable, *LAUNCHERS[launcher], str(_free_port()), "-m", "qmiss.train",
+    command = [sys.executable, *LAUNCHERS[launcher], str(free_port()), "-m", "qmiss.train",
                *args(tiny_model_dir, jsonl, out, "--max_steps", "3", "--per_device_train_batch_size", "2",
                      "--save_strategy", "steps", "--save_steps", "3", *rows)]
     proc = subprocess.run(command, capture_output=True, timeout=300, text=True)
@@ -138,7 +129,7 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path) -> None:
     """bat trains on the chunked loss there: its hook reads the head while FSDP2 has it unsharded."""
     for mode, chunked_loss in [("default", False), ("bat", True)]:
         out = tmp_path / mode
-        mp.spawn(_fsdp_worker, args=(2, _free_port(), mode, str(out), chunked_loss), nprocs=2, join=True)
+        mp.spawn(_fsdp_worker, args=(2, free_port(), mode, str(out), chunked_loss), nprocs=2, join=True)
         saved = qmiss.read_adapter(out)[1]
         torch.manual_seed(0)
         single = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)
@@ -198,7 +189,7 @@ def test_fsdp1_qlora_style_two_ranks_match_one_process(tmp_path, storage) -> Non
     """FSDP1 as accelerate's plugin sets it up (after qmiss.update_fsdp_plugin), quant_storage in a float dtype."""
     for mode in ["default", "bat"]:
         out = tmp_path / mode
-        mp.spawn(_fsdp1_worker, args=(2, _free_port(), mode, storage, str(out)), nprocs=2, join=True)
+        mp.spawn(_fsdp1_worker, args=(2, free_port(), mode, storage, str(out)), nprocs=2, join=True)
         saved = qmiss.read_adapter(out)[1]
         from_state_dict = qmiss.read_adapter(out / "from_state_dict")[1]
         assert all(torch.equal(saved[k], from_state_dict[k]) for k in saved)

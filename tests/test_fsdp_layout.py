@@ -9,7 +9,7 @@ from torch.distributed.fsdp import MixedPrecision
 import qmiss
 from qmiss.fsdp import fsdp_auto_wrap_policy, fsdp_mixed_precision, storage_dtype, update_fsdp_plugin
 from qmiss.layer import MissBlock
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def _units(model) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qmiss
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 N_CASES = 240
 N_SETTINGS_CASES = 160

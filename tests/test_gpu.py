@@ -29,10 +29,9 @@ from torch import nn
 
 import qmiss
 from qmiss import MissLinear, quant
-from qmiss.model import is_checkpointing
-from tests.conftest import make_base, randomize_adapters, tiny_llama, tiny_llama_config
-from tests.test_layer import MODES, randomize, reference
-from tests.test_train import jsonl  # noqa: F401 (a fixture of the two-GPU test)
+from qmiss.prepare import is_checkpointing
+from tests.helpers import free_port, make_base, randomize_adapters, tiny_llama, tiny_llama_config, train_args as args
+from tests.helpers import MODES, randomize, reference
 
 DEVICE = "cuda"  # one name for the device, so a test body can be read (and tried) against another
 BF16 = torch.bfloat16
@@ -370,14 +369,12 @@ def test_flash_attention_2_gets_bf16_qkv_and_trains(mode: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_qmiss_train_on_two_gpus(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
     """``torchrun --nproc_per_node 2 -m qmiss.train``: each rank on its own GPU, both train, rank 0 writes."""
-    from tests.test_distributed import _free_port
-    from tests.test_train import args
 
     out = tmp_path / "run"
     flags = [a for a in args(tiny_model_dir, jsonl, out, "--max_steps", "3", "--per_device_train_batch_size", "2",
                              "--save_strategy", "steps", "--save_steps", "3", "--bf16") if a != "--use_cpu"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "qmiss.train", *flags]
+               str(free_port()), "-m", "qmiss.train", *flags]
     proc = subprocess.run(command, capture_output=True, timeout=600, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -1,5 +1,5 @@
 """A PEFT user's habits on a qmiss model: save_pretrained and Trainer saves write the adapter, PEFT's methods,
-transformers' dtype guards and attention target dtype (qmiss/hf.py)."""
+transformers' dtype guards and attention target dtype (qmiss/hf.py, qmiss/methods.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import qmiss
-from qmiss.hf import BOUND_METHODS
-from tests.conftest import load, mode_kwargs, randomize_adapters, tiny_llama
+from qmiss.methods import METHODS
+from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "qmiss_config.json"}
 
@@ -134,7 +134,7 @@ def test_merge_and_unload_is_a_plain_model_with_the_same_logits() -> None:
     logits = model(ids).logits.detach()
     merged = model.merge_and_unload(dtype=torch.float32)
     assert not any(isinstance(m, qmiss.MissLinear) for m in merged.modules())
-    assert not any(name in merged.__dict__ for name in BOUND_METHODS)
+    assert not any(name in merged.__dict__ for name in METHODS)
     torch.testing.assert_close(merged(ids).logits, logits, rtol=1e-4, atol=1e-4)
 
 

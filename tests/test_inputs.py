@@ -24,7 +24,7 @@ import qmiss
 from qmiss import cli, demo, inputs, train
 from qmiss.data import load_rows
 from qmiss.plan import CUDA_CONTEXT_BYTES, GiB, MemoryPlan
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 GOOD = {"query": "What is 2 + 3?", "response": "2 + 3 = 5. The answer is: 5"}
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import qmiss
-from qmiss import io, quant
-from tests.conftest import load, mode_kwargs, randomize_adapters, tiny_llama
+from qmiss import adapters, quant
+from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama
 
 MODES = ["default", "mini", "bat"]
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -424,8 +424,8 @@ def test_export_lora_names_modules_without_a_recorded_shape(saved, tmp_path) -> 
 def test_save_writes_the_peft_config_last(tmp_path, fp32_tiny, monkeypatch) -> None:
     """adapter_config.json is what makes a folder an adapter, so it never points at files not yet written."""
     order = []
-    write = io._atomic_write
-    monkeypatch.setattr(io, "_atomic_write", lambda path, fn: (order.append(path.name), write(path, fn)))
+    write = adapters.atomic_write
+    monkeypatch.setattr(adapters, "atomic_write", lambda path, fn: (order.append(path.name), write(path, fn)))
     qmiss.save_adapter(prepared(fp32_tiny, 4, "default"), tmp_path)
     assert order == ["adapter_model.safetensors", "qmiss_config.json", "adapter_config.json"]
 
@@ -459,7 +459,7 @@ def test_interrupted_save_keeps_the_earlier_adapter(saved, fp32_tiny, monkeypatc
             f.write(b"partial")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(io, "save_file", crash)
+    monkeypatch.setattr(adapters, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         qmiss.save_adapter(model, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no temp files left, nothing replaced

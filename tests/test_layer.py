@@ -6,34 +6,15 @@ import pytest
 import torch
 
 from qmiss import MissLinear, quant
-from tests.conftest import make_base
-from tests.test_ops import ref_bat_delta, ref_shard_sum
+from tests.helpers import make_base
+from tests.helpers import MODES, randomize, ref_bat_delta, reference
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
-MODES = ["default", "mini", "bat"]
 
 
 def make_layer(mode: str, bits: int | None, n_in: int = 128, n_out: int = 192, r: int = 32, **kw) -> MissLinear:
     return MissLinear(make_base(bits, n_in, n_out), r=r, mode=mode, mini_r=16 if mode == "mini" else None, **kw)
-
-
-def randomize(layer: MissLinear, scale: float = 0.05) -> torch.Tensor:
-    with torch.no_grad():
-        layer.miss_block.copy_(torch.randn_like(layer.miss_block) * scale)
-    return layer.miss_block.detach().clone()
-
-
-def reference(layer: MissLinear, x: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 reference: the adapter term (default/mini) or the whole output (bat); autograd-able in ``block``."""
-    block = layer.miss_block.detach() if block is None else block
-    if layer.mode == "bat":
-        weight = quant.dequantize(layer.base_layer)
-        bias = layer.bias if layer.bias is not None else 0
-        return x @ (weight + ref_bat_delta(weight, block)).t() + bias
-    if layer.mode == "mini":
-        block = torch.cat([block] * (layer.out_features // block.shape[1]), dim=1)
-    return ref_shard_sum(x, layer.r) @ block
 
 
 @pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)

@@ -4,6 +4,8 @@ activation offload and the host-kept embedding table; Trainer with the chunked l
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from qmiss.inputs import InputError
 from qmiss.loss import chunk_tokens, chunked_cross_entropy, logit_transform
 from qmiss.memory import measure_peak
 from qmiss.offload import attach_offload
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # the issue's bounds, fp32
 
@@ -294,10 +296,52 @@ def test_a_forward_that_changes_the_logits_otherwise_is_refused_by_name() -> Non
             return out.__class__(logits=logits)
 
     model = Doubled(tiny_llama().config)
-    with pytest.raises(InputError, match=r"Doubled.forward changes the logits after the head with "
-                                         r"`logits = out.logits \* 2`.*chunked_loss=False"):
+    with pytest.raises(InputError, match=r"Doubled.forward is not transformers' own \(it comes from [\w.]*test_loss\), "
+                                         r"so what it does to the logits after the head is not known.*chunked_loss=False"):
         qmiss.prepare_qmiss(model, r=16, chunked_loss=True)
     assert not any(True for _ in qmiss.miss_layers(model))  # refused before any surgery
+
+
+def test_a_head_that_computes_more_than_a_linear_is_refused() -> None:
+    """As Dory's head (an nn.Linear subclass with a learned per-token scale)."""
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = tiny_llama()
+    model.lm_head = ScaledHead(64, 256, bias=False)
+    with pytest.raises(InputError, match=r"output head is a ScaledHead, not an nn.Linear.*chunked_loss=False"):
+        qmiss.prepare_qmiss(model, r=16, chunked_loss=True)
+
+
+#: statements the scan finds that are not about a head's logits: Gemma 3n's audio encoder caps attention logits.
+_NOT_THE_HEAD = {("gemma3n", "softcap_val")}
+_LOGITS_CHANGE = re.compile(r"^\s*logits = (?:logits(?:\.float\(\))?|self\.lm_head\(hidden_states\)) ([*/]) "
+                            r"\(?[\w.()]*?(\w+)\)?\s*(?:#.*)?$", re.MULTILINE)
+
+
+def test_every_logit_change_in_transformers_is_read_from_the_config() -> None:
+    """Each statement of transformers' modeling files that scales or caps a model's logits after its head
+    reads a config field that qmiss.loss.LOGIT_FIELDS describes, the way it describes it."""
+    import transformers
+
+    from qmiss.loss import LOGIT_FIELDS, LOGIT_FIELDS_BY_MODEL
+
+    found = []
+    for path in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        model_type, source = path.parent.name, path.read_text()
+        if "ForCausalLM(" not in source and "ForConditionalGeneration(" not in source:
+            continue  # no language-model head
+        rules = {**LOGIT_FIELDS, **LOGIT_FIELDS_BY_MODEL.get(model_type, {})}
+        for op, field in _LOGITS_CHANGE.findall(source):
+            if (model_type, field) in _NOT_THE_HEAD:
+                continue
+            found.append(model_type)
+            use = rules.get(field)
+            assert use is not None, f"{path.name}: logits {op} {field} is not in qmiss.loss.LOGIT_FIELDS"
+            assert use == "softcap" or use == {"*": "multiply", "/": "divide"}[op], (path.name, op, field, use)
+    assert {"gemma2", "cohere", "granite", "falcon_h1", "hyperclovax"} <= set(found)  # the scan sees them
 
 
 def test_bad_chunked_loss_settings_are_refused_before_surgery() -> None:
@@ -415,7 +459,7 @@ def test_trainer_with_the_chunked_loss_takes_the_same_steps(tmp_path, tiny_model
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
 
-    from qmiss.train import QMissTrainer
+    from qmiss.trainer import QMissTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     losses = {}

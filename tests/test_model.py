@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qmiss
 from qmiss import MissLinear, quant
-from qmiss.model import enable_checkpointing, is_checkpointing
-from tests.conftest import load, mode_kwargs, randomize_adapters, tiny_llama
+from qmiss.prepare import enable_checkpointing, is_checkpointing
+from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]

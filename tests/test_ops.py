@@ -4,26 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qmiss import ops
-
-
-def ref_shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:
-    pad = (-x.shape[-1]) % r
-    xp = F.pad(x, (0, pad))
-    return sum(xp[..., j * r:(j + 1) * r] for j in range(xp.shape[-1] // r))
-
-
-def ref_bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """ΔW_ij = W_ij @ B_i + B_i, one r×r block at a time."""
-    r = block.shape[-1]
-    delta = torch.empty_like(weight)
-    for i in range(weight.shape[0] // r):
-        for j in range(weight.shape[1] // r):
-            w_ij = weight[i * r:(i + 1) * r, j * r:(j + 1) * r]
-            delta[i * r:(i + 1) * r, j * r:(j + 1) * r] = w_ij @ block[i] + block[i]
-    return delta
+from tests.helpers import ref_bat_delta, ref_shard_sum
 
 
 @pytest.mark.parametrize("n_in,r", [(64, 16), (70, 16), (5, 8), (48, 48)], ids=["aligned", "ragged", "r>in-pad", "one-shard"])

@@ -9,7 +9,7 @@ from datasets import Dataset
 import qmiss
 from qmiss.encode import IGNORE
 from qmiss.packing import PackedCollator, pack
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 LENGTHS = [5, 17, 9, 30, 3, 12, 22, 8]  # rows of a skewed batch
 

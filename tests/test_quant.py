@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qmiss import quant
-from tests.conftest import make_base
+from tests.helpers import make_base
 
 QUANTS = [(4, "nf4", True), (4, "nf4", False), (4, "fp4", True), (8, "nf4", True)]
 QIDS = ["nf4-dq", "nf4", "fp4-dq", "int8"]

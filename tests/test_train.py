@@ -9,21 +9,7 @@ import torch
 
 import qmiss
 from qmiss import demo, train
-from tests.conftest import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    rows = demo.arithmetic_problems(20, seed=3)
-    path.write_text("".join(json.dumps({"question": r["query"], "answer": r["response"]}) + "\n" for r in rows))
-    return str(path)
-
-
-def args(model_dir: str, data: str, out, *extra: str) -> list[str]:
-    return ["--base_model_name_or_path", model_dir, "--data_path", data, "--dataset_field", "question", "answer",
-            "--output_dir", str(out), "--miss_r", "16", "--bits", "4", "--per_device_train_batch_size", "4",
-            "--learning_rate", "1e-3", "--report_to", "none", "--logging_steps", "1", "--use_cpu", *extra]
+from tests.helpers import train_args as args
 
 
 def test_encode_masks_the_prompt_and_appends_eos(smollm2_dir) -> None:

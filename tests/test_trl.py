@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import qmiss
-from tests.conftest import randomize_adapters
+from tests.helpers import randomize_adapters
 
 ROWS = [  # (prompt, chosen, rejected)
     ("What is the capital of France?", " The capital of France is Paris.", " I don't know."),

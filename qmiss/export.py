@@ -1,0 +1,243 @@
+"""Exports: a merged 16-bit Hugging Face checkpoint, and default/mini adapters as the LoRA they are.
+
+Both read the model (or an adapter folder) without changing it, and write their folder atomically:
+a merged checkpoint is assembled under a temporary name and renamed into place, a LoRA adapter's
+files are each written to a temporary name, ``adapter_config.json`` last.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qmiss import ops, quant
+from qmiss.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, atomic_write_json, read_adapter, require_qmiss
+from qmiss.layer import MissLinear
+from qmiss.model import miss_layers
+
+PathLike = Union[str, os.PathLike]
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    """'2GB' -> 2·10⁹ bytes (the Hugging Face convention), ints pass through."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"max_shard_size={size!r}: use bytes or a size like '2GB' / '500MB'")
+
+
+class _OriginalWeights:
+    """Read ``<name>.weight`` tensors from an original safetensors checkpoint folder, lazily."""
+
+    def __init__(self, folder: PathLike) -> None:
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                self.files = {k: folder / "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        if key not in self.files:
+            return None
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _export_tensors(model: nn.Module, dtype: torch.dtype,
+                    original: Optional[_OriginalWeights]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of the merged checkpoint, one module at a time; tied parameters once."""
+    seen: set[int] = set()
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, MissLinear) or (quant.is_linear(module) and quant.quant_bits(module) is not None):
+            skip_prefixes.append(prefix)
+            orig = original.get(f"{prefix}weight") if original is not None else None
+            if isinstance(module, MissLinear):
+                weight = (module.merged_weight(dtype) if orig is None
+                          else (orig.float() + module.delta_weight(torch.float32)).to(dtype))
+            else:
+                weight = quant.dequantize(module, dtype) if orig is None else orig.to(dtype)
+            yield f"{prefix}weight", weight
+            if module.bias is not None:
+                yield f"{prefix}bias", module.bias.detach().to(dtype)
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{prefix}{pname}", param.detach().to(dtype)
+        for bname, buffer in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                yield f"{prefix}{bname}", buffer.detach()
+
+
+def export_merged(
+    model: nn.Module,
+    out_dir: PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: Union[int, str] = "2GB",
+    tokenizer=None,
+    original_checkpoint: Optional[PathLike] = None,
+) -> Path:
+    """Write a standard Hugging Face checkpoint of the merged model, without changing ``model``.
+
+    Weights are dequantize(W) + ΔW (bat: W(I + B) + B blockwise), computed in fp32 one layer at
+    a time and written in safetensors shards of at most ``max_shard_size``, so memory stays near
+    the quantized model plus one shard. ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it
+    with qmiss not installed. The folder is assembled under a temporary name and renamed into place.
+
+    Args:
+        model: a qmiss model.
+        out_dir: the checkpoint folder (replaced if it exists).
+        dtype: dtype of the written weights.
+        max_shard_size: bytes or a size like "2GB".
+        tokenizer: saved alongside when given.
+        original_checkpoint: default/mini only — a folder with the original 16-bit safetensors;
+            the adapter's ΔW is added to those weights instead of the dequantized ones, which is
+            what users of a 16-bit base want (ΔW of default/mini does not depend on W). bat is
+            refused: its update W(I + B) + B multiplies W, and B was trained against the
+            dequantized weights, so only they reproduce the trained model.
+
+    Returns:
+        The folder.
+    """
+    config = require_qmiss(model)
+    if original_checkpoint is not None and config.mode == "bat":
+        raise ValueError("original_checkpoint with mode='bat': bat's update multiplies W and was trained against the "
+                         "dequantized weights; export bat without original_checkpoint")
+    original = _OriginalWeights(original_checkpoint) if original_checkpoint is not None else None
+    limit = _parse_size(max_shard_size)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards: list[dict[str, str]] = []  # key -> temp shard file
+        current: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal current, size
+            if current:
+                path = tmp / f"shard-{len(shards):05d}.tmp"
+                save_file({k: v.contiguous() for k, v in current.items()}, str(path), metadata={"format": "pt"})
+                shards.append({k: path.name for k in current})
+                current, size = {}, 0
+
+        total = 0
+        with torch.no_grad():
+            for key, tensor in _export_tensors(model, dtype, original):
+                nbytes = tensor.numel() * tensor.element_size()
+                if current and size + nbytes > limit:
+                    flush()
+                current[key] = tensor.cpu()
+                size += nbytes
+                total += nbytes
+            flush()
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            os.replace(tmp / next(iter(shard.values())), tmp / name)
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = copy.deepcopy(model.config)
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)  # transformers 5 / 4
+        hf_config.use_cache = True
+        hf_config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is set aside first and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
+    """Write a default/mini adapter as the PEFT LoRA adapter it is exactly (rank r, scale 1).
+
+    ``A[k, c] = 1 if c % r == k`` (r × in) sums the shards, ``B = Dᵀ`` (out × r), and
+    ``lora_alpha = r`` makes the scale 1, so ``B A x = (Σ_j x_j) D``, bit for bit up to float
+    rounding, for any in_features (a partial last shard included). vLLM / TGI-style LoRA servers
+    load the result.
+
+    Args:
+        source: a qmiss model, or a qmiss adapter folder (which records each module's in_features).
+        out_dir: the LoRA adapter folder.
+
+    Raises:
+        ValueError: for bat, which is not low-rank (use :func:`export_merged`), or an adapter
+            folder without recorded module shapes (pass the prepared model instead).
+    """
+    if isinstance(source, nn.Module):
+        config = require_qmiss(source)
+        layers = dict(miss_layers(source))
+        blocks = {n: layer.miss_block.detach().float().cpu() for n, layer in layers.items()}
+        shapes = {n: (layer.in_features, layer.out_features) for n, layer in layers.items()}
+    else:
+        config, blocks, payload = read_adapter(source)
+        recorded = (payload.get("qmiss") or {}).get("modules")
+        if not recorded:
+            raise ValueError(f"{source}: records no module shapes (not saved by qmiss); pass the prepared model")
+        unrecorded = sorted(set(blocks) - set(recorded))
+        if unrecorded:
+            raise ValueError(f"{source}: the recorded module shapes give no (in, out) for {unrecorded} (they come "
+                             "from another save than the adapter); pass the prepared model instead")
+        shapes = {n: tuple(recorded[n]) for n in blocks}
+    if config.mode == "bat":
+        raise ValueError("mode='bat' is not a low-rank update and has no exact LoRA form; "
+                         "use qmiss.export_merged(model, dir) for a merged checkpoint instead")
+    tensors = {}
+    for name, block in blocks.items():
+        n_in, n_out = shapes[name]
+        d = ops.tile_mini(block, n_out) if config.mode == "mini" else block  # (r, out)
+        lora_a = (torch.arange(n_in) % config.r == torch.arange(config.r)[:, None]).float()  # (r, in)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = d.t().contiguous()  # (out, r)
+    payload = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.r, "lora_dropout": 0.0,
+        "target_modules": sorted(blocks), "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
+        "base_model_name_or_path": config.base_model_name_or_path,
+    }
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(out_dir / CONFIG_NAME, payload)
+    return out_dir
