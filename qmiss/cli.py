@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from qmiss import train
-from qmiss.config import MODES
+from qmiss.config import DEFAULTS, MODES
 from qmiss.inputs import InputError, exit_status, spelled_as
 from qmiss.plan import OPTIMIZERS, MiB, plan_memory
 
@@ -41,14 +41,14 @@ FLAGS = {"config": "--config", "r": "--r", "mini_r": "--mini_r", "mode": "--mode
          "batch_size": "--batch", "seq_len": "--seq", "optimizer": "--optimizer"}
 
 
-def plan_command(argv: list[str]) -> int:
-    """``qmiss plan``: exit status 0, 1 if ``--gpu-gib`` is given and the plan does not fit, 2 for an input error."""
+def plan_parser() -> argparse.ArgumentParser:
+    """``qmiss plan``'s flags; the adapter's defaults are :class:`~qmiss.QMissConfig`'s."""
     parser = argparse.ArgumentParser(prog="qmiss plan", description="Plan the GPU memory of a qmiss fine-tune.")
     parser.add_argument("--config", required=True,
                         help="config.json, a model folder, a GGUF file, or a hub model id")
     parser.add_argument("--bits", default="4", choices=["4", "8", "16"], help="base quantization (16: none)")
-    parser.add_argument("--r", type=int, default=64)
-    parser.add_argument("--mode", default="default", choices=list(MODES))
+    parser.add_argument("--r", type=int, default=DEFAULTS.r)
+    parser.add_argument("--mode", default=DEFAULTS.mode, choices=list(MODES))
     parser.add_argument("--mini_r", type=int, default=None)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
@@ -57,7 +57,8 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--chunked-loss", action="store_true",
                         help="the loss chunk by chunk of tokens, no full logits (qmiss-train's default)")
-    parser.add_argument("--loss-chunk-mib", type=int, default=64, help="chunked loss: MiB per chunk")
+    parser.add_argument("--loss-chunk-mib", type=int, default=DEFAULTS.loss_chunk_bytes // MiB,
+                        help="chunked loss: MiB per chunk")
     parser.add_argument("--offload-activations", action="store_true",
                         help="checkpointed layer inputs wait in pinned host memory until backward")
     parser.add_argument("--embeddings-on-host", action="store_true",
@@ -71,7 +72,12 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error "
                         "(also QMISS_DEBUG=1); without it an input error prints one line and exits with status 2")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def plan_command(argv: list[str]) -> int:
+    """``qmiss plan``: exit status 0, 1 if ``--gpu-gib`` is given and the plan does not fit, 2 for an input error."""
+    args = plan_parser().parse_args(argv)
     return exit_status("qmiss plan", argv, lambda: _show_plan(args))
 
 

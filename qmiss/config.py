@@ -8,7 +8,8 @@ coming from ``peft.MissConfig`` can keep the spelling they know.
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, fields
 from typing import Literal, Optional, Union
 
 import torch
@@ -23,6 +24,10 @@ MODES: tuple[str, ...] = ("default", "mini", "bat")
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 #: dtypes a quantized base can compute in (bitsandbytes' kernels).
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+#: ``bits``: keep the bitsandbytes quantization a model was loaded with, else quantize to 4-bit.
+AUTO = "auto"
+MiB = 2**20
 
 # PEFT's init_weights values and the qmiss mode each one means.
 _INIT_WEIGHTS_TO_MODE = {True: "default", "mini": "mini", "bat": "bat"}
@@ -74,7 +79,7 @@ def check_compute_dtype(dtype: Optional[torch.dtype], bits: Optional[int], where
         raise TypeError(f"{where}={dtype!r} is not a floating-point torch.dtype; use torch.bfloat16, torch.float16 "
                         "or torch.float32, or None for the default (bf16 on CUDA, fp32 on the CPU)")
     if bits is not None and dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"{where}={dtype} on a {bits}-bit base: bitsandbytes computes in bf16, fp16 or fp32 only; "
+        raise ValueError(f"{where}={dtype} on a {'4/8' if bits == AUTO else bits}-bit base: bitsandbytes computes in bf16, fp16 or fp32 only; "
                          "use one of those, or None for the default (bf16 on CUDA, fp32 on the CPU)")
 
 
@@ -139,24 +144,42 @@ def init_weights_from_mode(mode: str) -> Union[bool, str]:
 
 @dataclass
 class QMissConfig:
-    """Settings of one qmiss model. Construct through :func:`qmiss.prepare_qmiss` or directly.
+    """Every setting of :func:`qmiss.prepare_qmiss`, with its default: the one place they are stated.
+
+    The planner (:func:`qmiss.plan_memory`), ``qmiss-train`` and the adapter folder read their
+    defaults from here too; where a front end defaults differently on purpose, :data:`FRONT_END_DEFAULTS`
+    says so and why. The first group is the adapter's (saved in its folder: PEFT's fields in
+    ``adapter_config.json``, qmiss's in ``qmiss_config.json``); the second says how the model is set up
+    for training and is not saved.
 
     Raises:
         ValueError / TypeError: on any value out of range, naming the field, the value and the fix.
     """
 
+    # --- the adapter ---------------------------------------------------------------------------------------------
     r: int = 64  # shard size along in_features; the adapter rank
-    mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"
+    mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"; PEFT's init_weights=True/"mini"/"bat"
     mini_r: Optional[int] = None  # mini: width of the tiled adapter along out_features
-    bits: Optional[int] = 4  # 4 or 8 (bitsandbytes), None for an unquantized base
+    bits: Union[int, str, None] = AUTO  # 4 or 8 (bitsandbytes), None/16: unquantized; "auto": as loaded, else 4
     quant_type: str = "nf4"  # 4-bit data type: "nf4" or "fp4"
     double_quant: bool = True  # 4-bit: quantize the absmax constants too (QLoRA's double quantization)
-    target_modules: Union[str, list[str]] = "all-linear"  # "all-linear", a regex, or a list of name suffixes
+    target_modules: Union[str, list[str]] = "all-linear"  # "all-linear" (every linear but the output head), a
+    #   full-match regex, or a list of names / name suffixes
     exclude_modules: Optional[Union[str, list[str]]] = None  # same syntax; wins over target_modules
     dropout: float = 0.0  # dropout on the adapter's input (default and mini)
-    compute_dtype: Optional[torch.dtype] = None  # None: follow the device (default_compute_dtype); else fixed
-    bat_chunk_bytes: int = 64 * 2**20  # bat: byte budget of one dequantized chunk of weight rows
+    compute_dtype: Optional[torch.dtype] = None  # None: a 16-bit bnb_4bit_compute_dtype the model was loaded
+    #   with, else each layer follows its device (default_compute_dtype), also after a move; else fixed
+    bat_chunk_bytes: int = 64 * MiB  # bat: byte budget of one dequantized chunk of weight rows
     base_model_name_or_path: Optional[str] = None  # recorded in the PEFT adapter config
+
+    # --- how the model is set up for training (prepare_qmiss; not saved) -------------------------------------------
+    gradient_checkpointing: bool = False  # transformers' non-reentrant checkpointing, KV cache off
+    quant_storage: Optional[torch.dtype] = None  # 4-bit: store the packed weights as this float dtype (FSDP1)
+    fp32_norms: bool = False  # QLoRA's habit: norms and the output head upcast to fp32
+    chunked_loss: bool = False  # training loss chunk by chunk of tokens; logits=None (qmiss.loss)
+    loss_chunk_bytes: int = 64 * MiB  # chunked loss: byte budget of one chunk of logits and gradient
+    offload_activations: bool = False  # what autograd saves outside checkpointed layers waits in host memory
+    embeddings_on_host: bool = False  # the input embedding table stays in host memory (qmiss.offload)
 
     def __post_init__(self) -> None:
         r, mode, mini_r, bits = (spelled(n) for n in ("r", "mode", "mini_r", "bits"))
@@ -175,9 +198,9 @@ class QMissConfig:
                                  "out_features")
         if self.bits == 16:
             self.bits = None
-        if self.bits not in (4, 8, None):
-            raise InputError(f"{bits}={self.bits!r} is not supported; use 4, 8, or None (also 16) for an unquantized "
-                             "base")
+        if isinstance(self.bits, bool) or self.bits not in (4, 8, None, AUTO):
+            raise InputError(f"{bits}={self.bits!r} is not supported; use 4, 8, None (or 16) for no quantization, "
+                             "or 'auto'")
         if self.quant_type not in QUANT_TYPES:
             raise InputError(f"{spelled('quant_type')}={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
         dropout = spelled("dropout")
@@ -189,10 +212,27 @@ class QMissConfig:
                 f"separate adapter input to drop; use {dropout}=0.0, or {mode}='default'"
             )
         check_compute_dtype(self.compute_dtype, self.bits)
-        if self.bat_chunk_bytes <= 0:
-            raise InputError(f"bat_chunk_bytes={self.bat_chunk_bytes} must be positive, e.g. 64 * 2**20")
+        for name in ("bat_chunk_bytes", "loss_chunk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(f"{spelled(name)}={value!r} must be a positive number of bytes, e.g. 64 * 2**20")
         if not isinstance(self.target_modules, (str, list, tuple, set)):
             raise TypeError(f"target_modules={self.target_modules!r} must be 'all-linear', a regex or a list of names")
+
+    @classmethod
+    def from_settings(cls, settings: dict, where: str = "prepare_qmiss") -> "QMissConfig":
+        """Build from keyword settings, turning an unknown name into one line that suggests the right one.
+
+        Raises:
+            TypeError: a name that is not a setting (``lora_r`` -> did you mean ``r``?).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0].removeprefix("lora_").removeprefix("miss_"), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the settings are {sorted(known)}"
+            raise TypeError(f"{where}() got an unexpected setting {unknown[0]!r}{hint}")
+        return cls(**settings)
 
     @property
     def init_weights(self) -> Union[bool, str]:
@@ -310,3 +350,17 @@ class QMissConfig:
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: {exc}") from exc
+
+
+#: Where a front end's default differs from :class:`QMissConfig`'s, on purpose, and why. The API
+#: changes nothing a caller did not ask for (``chunked_loss`` makes ``logits`` None in training;
+#: checkpointing trades compute for memory); the front ends serve one known use.
+FRONT_END_DEFAULTS: dict[str, dict[str, object]] = {
+    # a training command never needs the (tokens x vocabulary) logits, and the chunked loss is exact
+    "qmiss-train": {"chunked_loss": True},
+    # the planner plans a GPU run (the compute-dtype rule picks bf16 on CUDA) of a model too big to train
+    # without checkpointing on one card, which is what it is asked about
+    "plan_memory": {"gradient_checkpointing": True, "compute_dtype": torch.bfloat16},
+}
+#: the defaults, read as attributes (``DEFAULTS.r``).
+DEFAULTS = QMissConfig()

@@ -20,6 +20,24 @@ from qmiss import ops, quant
 from qmiss.config import MODES, check_compute_dtype, default_compute_dtype
 
 
+def adapter_shape(n_out: int, r: int, mode: str, mini_r: int | None = None) -> tuple[int, ...]:
+    """The adapter tensor's shape: (r, out) default, (r, mini_r) mini, (out/r, r, r) bat."""
+    return {"default": (r, n_out), "mini": (r, mini_r or 0), "bat": (n_out // r, r, r)}[mode]
+
+
+def shape_problem(n_in: int, n_out: int, r: int, mode: str, mini_r: int | None = None) -> str | None:
+    """Which rule r / mini_r break for a linear of this shape (the rules, stated once; callers word the
+    error in their own spelling): "r" (r outside 1..in_features), "bat" (r does not divide both
+    in_features and out_features), "mini" (mini_r does not divide out_features); None if they fit."""
+    if not 0 < r <= n_in:
+        return "r"
+    if mode == "bat" and (n_in % r or n_out % r):
+        return "bat"
+    if mode == "mini" and (not mini_r or n_out % mini_r):
+        return "mini"
+    return None
+
+
 class MissBlock(nn.Module):
     """The adapter tensor alone, as a leaf module's ``weight``.
 
@@ -83,14 +101,15 @@ class MissLinear(nn.Module):
         where = name or type(base_layer).__name__
         if mode not in MODES:
             raise ValueError(f"{where}: mode={mode!r} is not one of {MODES}")
-        if not 0 < r <= n_in:
+        problem = shape_problem(n_in, n_out, r, mode, mini_r)
+        if problem == "r":
             raise ValueError(f"{where}: r={r} must be in 1..in_features={n_in}; pick a smaller r")
-        if mode == "bat" and (n_in % r or n_out % r):
+        if problem == "bat":
             raise ValueError(
                 f"{where}: in_features={n_in}, out_features={n_out} are not both divisible by r={r}; "
                 "bat needs r×r blocks — use mode='default' or an r dividing both"
             )
-        if mode == "mini" and (not mini_r or n_out % mini_r):
+        if problem == "mini":
             raise ValueError(f"{where}: out_features={n_out} is not divisible by mini_r={mini_r}; pick a mini_r dividing it")
         check_compute_dtype(compute_dtype, quant.quant_bits(base_layer), f"{where}: compute_dtype")
         quant.prepare_for_adapter(base_layer)
@@ -101,9 +120,8 @@ class MissLinear(nn.Module):
         self.bat_chunk_bytes = bat_chunk_bytes
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        shape = {"default": (r, n_out), "mini": (r, mini_r), "bat": (n_out // r, r, r)}[mode]
         device = next(base_layer.parameters()).device
-        self.adapter = MissBlock(shape, device)
+        self.adapter = MissBlock(adapter_shape(n_out, r, mode, mini_r), device)
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
         self.merged = False  # True once the adapter is folded into an unquantized base weight
         self._follow_device()

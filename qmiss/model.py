@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from qmiss import quant
 from qmiss.config import QMissConfig
 from qmiss.inputs import InputError, few, spelled
-from qmiss.layer import MissLinear
+from qmiss.layer import MissLinear, shape_problem
 
 
 def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
@@ -88,11 +88,12 @@ def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> 
     problems = []
     for name in targets:
         n_in, n_out = quant.in_out_features(modules[name])
-        if config.r > n_in:
+        problem = shape_problem(n_in, n_out, config.r, config.mode, config.mini_r)  # the layer's rule
+        if problem == "r":
             problems.append(f"{name}: {r}={config.r} > in_features={n_in}")
-        elif config.mode == "bat" and (n_in % config.r or n_out % config.r):
+        elif problem == "bat":
             problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by {r}={config.r}")
-        elif config.mode == "mini" and n_out % config.mini_r:
+        elif problem == "mini":
             problems.append(f"{name}: out_features={n_out} is not divisible by {mini_r}={config.mini_r}")
     if problems:
         hint = {

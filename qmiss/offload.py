@@ -58,8 +58,12 @@ class ActivationOffload:
         self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def reset(self) -> None:
-        """Start a new forward: forget which tensors were copied (the copies live on in autograd's graph)."""
+        """Start a new forward: forget which tensors were copied, and count the bytes afresh."""
         self.offloaded_bytes = 0
+        self.forget_copies()
+
+    def forget_copies(self) -> None:
+        """Drop the lookup table of host copies (the copies autograd needs live on in its graph)."""
         self._copies.clear()
 
     def pack(self, tensor: torch.Tensor) -> Union[torch.Tensor, tuple[torch.device, torch.Tensor]]:
@@ -114,7 +118,7 @@ class OffloadHooks:
         if self._stack:
             self._stack.pop().__exit__(None, None, None)
         if not self._stack:
-            self.offload._copies.clear()  # the graph holds the copies it needs; drop the lookup table
+            self.offload.forget_copies()
 
 
 def attach_offload(model: nn.Module, min_bytes: int = MiB, include_host: bool = False) -> OffloadHooks:
@@ -143,6 +147,9 @@ class HostEmbeddings:
         self.anchor = model.get_output_embeddings()  # the rows go where the head is
         weight = self.embeddings.weight
         weight.data = weight.data.to("cpu")
+        # torch has no public hook on a module's device moves (``.to``/``.cuda`` reach parameters only through
+        # ``Module._apply``), and transformers' embedding classes vary (Gemma's scales its output), so this one
+        # instance gets its own ``_apply`` rather than a subclass swapped in; ``remove`` takes it away again.
         self.embeddings._apply = functools.partial(_dtype_only_apply, self.embeddings)
         name = _move_to_the_end(model, self.embeddings)
         # DDP: the frozen host table is neither broadcast nor reduced (NCCL cannot carry a host tensor)
@@ -191,9 +198,10 @@ def _move_to_the_end(model: nn.Module, child: nn.Module) -> str:
     weight's again. Names and state-dict keys do not change, only their order.
     """
     for name, module in model.named_modules():
-        for child_name, sub in list(module._modules.items()):
+        for child_name, sub in list(module.named_children()):
             if sub is child:
-                module._modules[child_name] = module._modules.pop(child_name)  # dicts keep insertion order
+                delattr(module, child_name)  # registering it again puts it last (nn.Module keeps insertion order)
+                setattr(module, child_name, child)
                 return f"{name}.{child_name}" if name else child_name
     raise ValueError("the input embedding is not a submodule of the model")
 

@@ -20,21 +20,25 @@ share; they are checked against :func:`qmiss.measure_peak` in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from qmiss.config import QMissConfig
+from qmiss import quant
+from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
 from qmiss.inputs import InputError, spelled
+from qmiss.layer import adapter_shape
 from qmiss.loss import chunk_bytes_per_token, chunk_tokens
 from qmiss.model import check_targets, output_head
 from qmiss.offload import check_host_embeddings
 from qmiss.ops import chunk_rows
+from qmiss.prepare import fp32_upcast_modules
 from qmiss.sources import load_hf_config, meta_model
 
 GiB = 2**30
@@ -99,74 +103,239 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _quantized_bytes(n_in: int, n_out: int, bits: Optional[int], double_quant: bool, base_itemsize: int) -> int:
-    """Bytes of one linear's weight as qmiss stores it (bitsandbytes' layouts, blocksize 64)."""
-    values = n_in * n_out
-    if bits == 4:
-        blocks = math.ceil(values / 64)
-        if double_quant:  # uint8 absmax per block, fp32 absmax per 256 of those, a 256-entry code, an offset
-            return values // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
-        return values // 2 + 4 * blocks
-    if bits == 8:
-        return values + 4 * n_out  # int8 + one fp32 scale per row
-    return values * base_itemsize
+@dataclass
+class _Step:
+    """What every part of the plan reads: the settings, the meta model and its shapes, the byte sizes."""
+
+    settings: QMissConfig
+    bits: Optional[int]  # 4, 8 or None
+    hf_config: object
+    model: nn.Module
+    targets: list[str]
+    batch: int
+    seq: int
+    packing: bool
+    e: int  # bytes per value of the compute dtype
+    e_base: int  # bytes per value of the dtype the model is loaded in
+
+    def __post_init__(self) -> None:
+        c, s = self.hf_config, self.settings
+        self.modules = dict(self.model.named_modules())
+        self.tokens = self.batch * self.seq
+        self.layers = _decoder_layers(self.model)
+        self.hidden, self.vocab = c.hidden_size, c.vocab_size
+        n_heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or self.hidden // n_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+        self.n_heads, self.q_width, self.kv_width = n_heads, n_heads * head_dim, n_kv * head_dim
+        self.inter = getattr(c, "intermediate_size", None) or 4 * self.hidden
+        upcast = self.bits is not None and s.fp32_norms
+        self.norm_e = 4 if upcast else self.e_base  # upcast norms compute and return fp32
+        self.e_stream = self.norm_e  # an fp32 norm returns fp32: every layer after the first gets an fp32 stream
+        self.e_act = max(self.e, self.e_stream)  # bitsandbytes returns its input's dtype: an fp32 stream, fp32 acts
+        self.head = output_head(self.model)
+        self.tied = self.head is not None and self.head.weight is self.model.get_input_embeddings().weight
+        self.e_head = self.e_base  # set by _weights: the head's bytes per value
+        self.embed_host = 0  # set by _weights: the input table's bytes on the host (embeddings_on_host)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return self.modules[name].in_features, self.modules[name].out_features
 
 
-def _adapter_values(n_out: int, r: int, mode: str, mini_r: Optional[int]) -> int:
-    """Values of one layer's adapter: (r, out) default, (r, mini_r) mini, (out/r, r, r) bat."""
-    return {"default": r * n_out, "mini": r * (mini_r or 0), "bat": n_out * r}[mode]
+def _weights(step: _Step) -> dict[str, int]:
+    """The frozen model: the packed weights and their quantization state (as :func:`qmiss.quant.stored_bytes`
+    counts them), the embeddings and head, the norms, each in the dtype ``prepare_qmiss`` leaves it."""
+    s, modules, targets, e_base = step.settings, step.modules, step.targets, step.e_base
+    items: dict[str, int] = {}
+    quantized = sum(quant.stored_bytes(*step.shape(n), step.bits, s.double_quant, e_base) for n in targets)
+    biases = sum(modules[n].bias.numel() * e_base for n in targets if modules[n].bias is not None)
+    label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales", None: "16-bit target weights"}[step.bits]
+    items[label] = quantized + biases
+
+    upcast = set()
+    if step.bits is not None and s.fp32_norms:  # the rule prepare_qmiss applies (QLoRA's habit, on request)
+        upcast = {id(p) for m in fp32_upcast_modules(step.model, head=not s.chunked_loss)
+                  for p in m.parameters(recurse=False)}
+    head_ids = {id(p) for p in step.head.parameters()} if step.head is not None else set()
+    e_head = 4 if (head_ids & upcast) else e_base
+    if s.chunked_loss and not step.tied and step.e < 4:  # prepare_qmiss casts an fp32 head to a 16-bit compute dtype
+        e_head = min(e_head, step.e)
+    step.e_head = e_head
+    target_params = {id(p) for n in targets for p in modules[n].parameters()}
+    seen, embed_head, norms, other = set(), 0, 0, 0
+    for name, param in step.model.named_parameters(remove_duplicate=True):
+        if id(param) in target_params or id(param) in seen:
+            continue
+        seen.add(id(param))
+        size = param.numel() * (e_head if id(param) in head_ids else 4 if id(param) in upcast else e_base)
+        if "norm" in name:
+            norms += size
+        elif param.dim() == 2 and step.vocab in param.shape:
+            embed_head += size
+        else:
+            other += size
+    if s.embeddings_on_host:
+        step.embed_host = check_host_embeddings(step.model).weight.numel() * e_base
+        items["lm_head (input embeddings on the host)"] = embed_head - step.embed_host
+    else:
+        items["embeddings + lm_head" + (" (tied)" if step.tied else "")] = embed_head
+    items["norms and other unquantized"] = norms + other
+    return items
+
+
+def _adapters(step: _Step) -> tuple[dict[str, int], list[int]]:
+    """The fp32 adapters (each the shape :func:`qmiss.layer.adapter_shape` gives) and their sizes in values."""
+    s = step.settings
+    sizes = [math.prod(adapter_shape(step.shape(n)[1], s.r, s.mode, s.mini_r)) for n in step.targets]
+    return {"adapters (fp32)": 4 * sum(sizes)}, sizes
+
+
+def _optimizer(sizes: list[int], optimizer: str) -> dict[str, int]:
+    """The optimizer's states; bitsandbytes' 8-bit optimizers keep small tensors in fp32."""
+    per_value = OPTIMIZERS[optimizer]
+    if "8bit" in optimizer:
+        states = sum(int(n * per_value) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in sizes)
+    else:
+        states = int(sum(sizes) * per_value)
+    return {f"optimizer states ({optimizer})": states}
+
+
+def _layer_activations(step: _Step) -> int:
+    """What one decoder layer saves for backward (autograd and bitsandbytes), Llama-style."""
+    s, tokens, hidden, e, e_act = step.settings, step.tokens, step.hidden, step.e, step.e_act
+    q_width, kv_width, inter = step.q_width, step.kv_width, step.inter
+    per_layer_targets = [n for n in step.targets if n.startswith(step.layers[0] + ".")] if step.layers else []
+    norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
+    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * step.batch * step.n_heads * step.seq  # q,k,v,out,lse
+    if step.packing:
+        # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
+        # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
+        attention += step.batch * step.seq * step.seq * e_act + 2 * tokens * e_act * (q_width - kv_width)
+    mlp = tokens * e_act * 3 * inter  # gate, up, act(gate)
+    extra = 0
+    if s.mode == "bat" or step.bits == 8:  # inputs kept: the norms' outputs (shared by their projections), down's input
+        extra = tokens * (2 * hidden * (4 if step.bits == 8 else e_act) + inter * e_act)
+        if s.mode == "bat" and step.bits is not None and e != step.norm_e:  # each projection casts the fp32 norm output
+            extra += tokens * hidden * e * 3
+    if s.mode != "bat":
+        extra += tokens * e * s.r * len(per_layer_targets)  # the shard sums Σ_j x_j each adapter keeps
+    return norms_saved + attention + mlp + extra
+
+
+def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
+    """The activations a step holds: returns the items, what stays saved through the loss, what is saved while
+    one layer is differentiated, and the bytes waiting in host memory (offload_activations)."""
+    s, tokens, hidden = step.settings, step.tokens, step.hidden
+    items: dict[str, int] = {}
+    n_layers = len(step.layers)
+    layer_acts = _layer_activations(step)
+    layer_input = tokens * hidden * step.e_stream  # the residual stream, which checkpointing keeps per layer
+    embed_out = tokens * hidden * (step.e_stream if step.tied else step.e_base)  # a tied, upcast head upcasts it
+    host = 0
+    if s.gradient_checkpointing:
+        saved = n_layers * layer_input + embed_out
+        if s.offload_activations:  # the layer inputs wait on the host; backward brings back one at a time
+            host, saved = saved, 0
+            items["activations: one checkpointed layer input (the rest on the host)"] = layer_input
+        else:
+            items["activations: checkpointed layer inputs"] = saved
+        if step.bits == 8 and s.mode != "bat":
+            # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach (and out of the
+            # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive
+            held = n_layers * tokens * (2 * hidden * step.norm_e + (step.q_width + step.inter) * step.e)
+            items["8-bit: matmul inputs kept past checkpointing"] = held
+            saved += held
+        # while one layer is recomputed and differentiated
+        in_layer = saved + layer_acts + (layer_input if s.offload_activations else 0)
+    else:
+        saved = n_layers * layer_acts + embed_out
+        if s.offload_activations:  # every saved activation on the host; one layer's worth back at a time
+            host, saved = saved, 0
+            items["activations: one layer's (the rest on the host)"] = layer_acts
+            in_layer = layer_acts
+        else:
+            items["activations: all layers"] = saved
+            in_layer = saved
+    return items, saved, in_layer, host
+
+
+def _layer_backward(step: _Step) -> tuple[dict[str, int], int]:
+    """A layer's backward peaks either inside its MLP (the gradients of gate, up and their product) or where a
+    projection's input gradient is formed from its dequantized weight: bitsandbytes dequantizes the whole weight
+    for that (4-bit: in the compute dtype; 8-bit: in the input's dtype, fp32 after a norm), bat one chunk pair at
+    a time. Returns the items (with the packed-sequence mask) and the bytes on top of what is saved."""
+    s, tokens, e = step.settings, step.tokens, step.e
+    items: dict[str, int] = {}
+    if s.mode == "bat":
+        weight_buffer = _bat_chunk_bytes(step, s.bat_chunk_bytes)
+        if e < 4:  # 16-bit dx is summed over the chunks in fp32: an accumulator, and on CUDA each chunk's fp32 product
+            weight_buffer += 8 * tokens * max(step.shape(n)[0] for n in step.targets)
+        items["bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"] = weight_buffer
+    elif step.bits is not None:
+        largest = max(math.prod(step.shape(n)) for n in step.targets)
+        weight_buffer = largest * (e if step.bits == 4 else 4)
+        items["backward: one dequantized weight"] = weight_buffer
+    else:
+        weight_buffer = 0
+    mlp_grads = tokens * step.e_act * (3 * step.inter + 2 * step.hidden)
+    at_projection = weight_buffer + tokens * step.e_act * (step.inter + 2 * step.hidden)
+    if step.packing:  # bool; every layer is handed the same one
+        items["attention mask: packed sequences (bool, batch × seq²)"] = step.batch * step.seq * step.seq
+    return items, max(mlp_grads, at_projection)
+
+
+def _loss(step: _Step) -> tuple[dict[str, int], int]:
+    """The loss's backward on top of what is saved: one chunk of logits and gradient (chunked loss) or the
+    fp32 logits, their log-softmax and gradient; plus, under 16-bit autocast, the 16-bit copy of an fp32 head."""
+    s, tokens, e = step.settings, step.tokens, step.e
+    items: dict[str, int] = {}
+    if s.chunked_loss:
+        softcap = getattr(step.hf_config, "final_logit_softcapping", None) is not None
+        rows = min(tokens, chunk_tokens(step.vocab, s.loss_chunk_bytes, e, softcap))
+        # one chunk's logits and gradient; the head's input (N, H), its copy in the matmul dtype, its gradient
+        chunk = rows * chunk_bytes_per_token(step.vocab, e, softcap)
+        loss_bytes = chunk + tokens * step.hidden * (step.e_stream + e + (e if step.e_stream != e else 0))
+        items[f"chunked loss: {rows}-token chunk of logits + gradient, hidden gradient"] = loss_bytes
+    else:
+        loss_bytes = 3 * tokens * step.vocab * 4  # the head runs in fp32 on the fp32 final norm; loss in fp32
+        items["logits + loss (fp32)"] = loss_bytes
+    if step.e_head == 4 and e < 4 and step.head is not None:
+        # under 16-bit autocast (a bf16 Trainer step) the fp32 head runs on a 16-bit copy of its weight,
+        # which autograd keeps for the head's backward (the chunked loss only while its forward runs)
+        items["autocast: 16-bit copy of the fp32 head"] = step.head.weight.numel() * e
+        loss_bytes += step.head.weight.numel() * e
+    return items, loss_bytes
 
 
 def plan_memory(
     config,
-    bits: Optional[int] = 4,
-    r: int = 64,
-    mode: str = "default",
-    mini_r: Optional[int] = None,
+    settings: Optional[QMissConfig] = None,
+    *,
     batch_size: int = 1,
     seq_len: int = 512,
-    gradient_checkpointing: bool = True,
     optimizer: str = "paged_adamw_8bit",
-    compute_dtype: torch.dtype = torch.bfloat16,
     base_dtype: Optional[torch.dtype] = None,
-    target_modules: Union[str, list[str]] = "all-linear",
-    exclude_modules: Optional[Union[str, list[str]]] = None,
-    double_quant: bool = True,
-    bat_chunk_bytes: int = 64 * MiB,
-    fp32_norms: bool = False,
-    chunked_loss: bool = False,
-    loss_chunk_bytes: int = 64 * MiB,
-    offload_activations: bool = False,
-    embeddings_on_host: bool = False,
     packing: bool = False,
+    **qmiss_settings,
 ) -> MemoryPlan:
     """Plan the memory of one training step of a qmiss model, without loading weights.
 
     Args:
         config: a transformers config, a ``config.json`` path, a model folder, or a hub id.
-        bits: 4, 8 or None (16-bit base).
-        r, mode, mini_r, target_modules, exclude_modules, double_quant, bat_chunk_bytes:
-            as in :func:`qmiss.prepare_qmiss`.
+        settings: a :class:`~qmiss.QMissConfig`; ``qmiss_settings`` given as well replace its fields.
         batch_size, seq_len: tokens of one micro-batch.
-        gradient_checkpointing: transformers' (non-reentrant) checkpointing per decoder layer.
         optimizer: one of :data:`OPTIMIZERS` (Trainer ``--optim`` names).
-        compute_dtype: dtype of the base matmuls and adapter math (bf16 on GPUs).
         base_dtype: dtype the model is loaded in (embeddings, norms, head, the residual stream);
-            default ``compute_dtype``.
-        fp32_norms: as in :func:`qmiss.prepare_qmiss`: norms and head upcast to fp32, which also
-            turns the residual stream fp32 after the first norm.
-        chunked_loss, loss_chunk_bytes: as in :func:`qmiss.prepare_qmiss`: the loss holds one chunk
-            of logits and gradient instead of three (tokens × vocabulary) fp32 tensors, and the head
-            stays in the compute dtype.
-        offload_activations: as in :func:`qmiss.prepare_qmiss`: what is saved outside the
-            checkpointed layers waits in host memory; one layer's worth is back on the GPU at a time.
-        embeddings_on_host: as in :func:`qmiss.prepare_qmiss`: the input embedding table is not on
-            the GPU (refused for tied embeddings, as there).
+            default the compute dtype.
         packing: the micro-batch is ``batch_size`` packed sequences of ``seq_len`` tokens (qmiss-train's
             default): with no attention mask given, transformers builds a (batch, 1, seq, seq) boolean
             block-diagonal mask for SDPA, alive through the step, and each layer's attention saves it as a
             float mask and keeps k and v repeated to every query head (FlashAttention's varlen path needs
             none of it; a padded batch that has padding pays the same).
+        **qmiss_settings: :func:`qmiss.prepare_qmiss`'s settings (``r``, ``bits``, ``mode``, ``mini_r``,
+            ``target_modules``, ``chunked_loss``, ``offload_activations``, ``embeddings_on_host``, …) with
+            their meanings there; ``bits`` "auto" is 4, and where no ``settings`` object is given the planner
+            assumes checkpointing and bf16 compute (``FRONT_END_DEFAULTS["plan_memory"]`` says why).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -178,205 +347,82 @@ def plan_memory(
     if optimizer not in OPTIMIZERS:
         raise InputError(f"{spelled('optimizer')}={optimizer!r} is not one the planner knows; use one of "
                          f"{sorted(OPTIMIZERS)}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r), ("loss_chunk_bytes", loss_chunk_bytes)):
+    given = dataclasses.asdict(settings) if settings is not None else dict(FRONT_END_DEFAULTS["plan_memory"])
+    given.update(qmiss_settings)
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", given.get("r", DEFAULTS.r)),
+                        ("loss_chunk_bytes", given.get("loss_chunk_bytes", DEFAULTS.loss_chunk_bytes))):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise InputError(f"{spelled(name)}={value!r} must be a positive integer")
-    qconfig = QMissConfig(r=r, mode=mode, mini_r=mini_r, bits=bits, target_modules=target_modules,
-                          exclude_modules=exclude_modules, double_quant=double_quant)  # validates mode, bits, mini_r
-    bits = qconfig.bits  # 16 means None
+    s = QMissConfig.from_settings(given, "plan_memory")  # validates mode, bits, mini_r
+    bits = 4 if s.bits == AUTO else s.bits
+    compute_dtype = s.compute_dtype or FRONT_END_DEFAULTS["plan_memory"]["compute_dtype"]
     hf_config = load_hf_config(config, spelled("config"))
-    base_dtype = base_dtype or compute_dtype
     model = meta_model(hf_config)
-    targets = check_targets(model, qconfig)
-    modules = dict(model.named_modules())
+    step = _Step(s, bits, hf_config, model, check_targets(model, s), batch_size, seq_len, packing,
+                 e=torch.finfo(compute_dtype).bits // 8, e_base=torch.finfo(base_dtype or compute_dtype).bits // 8)
 
-    e = torch.finfo(compute_dtype).bits // 8  # bytes per activation value
-    e_base = torch.finfo(base_dtype).bits // 8
-    items: dict[str, int] = {}
-
-    # --- static: weights, adapters, optimizer -----------------------------------------------------------------
-    target_params = {id(p) for n in targets for p in modules[n].parameters()}
-    quantized = sum(_quantized_bytes(modules[n].in_features, modules[n].out_features, bits, double_quant, e_base)
-                    for n in targets)
-    biases = sum(modules[n].bias.numel() * e_base for n in targets if modules[n].bias is not None)
-    label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales", None: "16-bit target weights"}[bits]
-    items[label] = quantized + biases
-
-    head = output_head(model)
-    upcast = set()
-    if bits is not None and fp32_norms:  # QLoRA's habit, on request: norms and the head in fp32
-        upcast = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
-        if head is not None and not chunked_loss:  # the chunked loss keeps the head in the compute dtype
-            upcast |= {id(p) for p in head.parameters()}
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    e_head = 4 if (head_ids & upcast) else e_base
-    if chunked_loss and not tied and e < 4:  # prepare_qmiss casts an fp32 head to a 16-bit compute dtype
-        e_head = min(e_head, e)
-    seen, embed_head, norms, other = set(), 0, 0, 0
-    for name, param in model.named_parameters(remove_duplicate=True):
-        if id(param) in target_params or id(param) in seen:
-            continue
-        seen.add(id(param))
-        size = param.numel() * (e_head if id(param) in head_ids else 4 if id(param) in upcast else e_base)
-        if "norm" in name:
-            norms += size
-        elif param.dim() == 2 and hf_config.vocab_size in param.shape:
-            embed_head += size
-        else:
-            other += size
-    embed_host = 0
-    if embeddings_on_host:
-        table = check_host_embeddings(model).weight
-        embed_host = table.numel() * e_base
-        items["lm_head (input embeddings on the host)"] = embed_head - embed_host
-    else:
-        items["embeddings + lm_head" + (" (tied)" if tied else "")] = embed_head
-    items["norms and other unquantized"] = norms + other
-
-    adapter_sizes = [_adapter_values(modules[n].out_features, r, mode, mini_r) for n in targets]
-    trainable = sum(adapter_sizes)
-    items["adapters (fp32)"] = 4 * trainable
-    per_value = OPTIMIZERS[optimizer]
-    if "8bit" in optimizer:
-        optim_bytes = sum(int(n * per_value) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in adapter_sizes)
-    else:
-        optim_bytes = int(trainable * per_value)
-    items[f"optimizer states ({optimizer})"] = optim_bytes
+    # static: the frozen model, the adapters, the optimizer
+    items = _weights(step)
+    adapter_items, sizes = _adapters(step)
+    items.update(adapter_items)
+    items.update(_optimizer(sizes, optimizer))
     static = sum(items.values())
-
-    # --- transient: gradients and activations ------------------------------------------------------------------
-    tokens = batch_size * seq_len
-    layers = _decoder_layers(model)
-    n_layers = len(layers)
-    hidden = hf_config.hidden_size
-    n_heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // n_heads
-    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
-    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
-    vocab = hf_config.vocab_size
-    q_width, kv_width = n_heads * head_dim, n_kv * head_dim
-    norm_e = 4 if bits is not None and fp32_norms else e_base  # upcast norms compute and return fp32
-    e_stream = norm_e  # an fp32 norm returns fp32: every layer after the first then gets an fp32 residual stream
-    e_act = max(e, e_stream)  # bitsandbytes returns its input's dtype, so an fp32 stream makes fp32 activations
-    per_layer_targets = [n for n in targets if n.startswith(layers[0] + ".")] if layers else []
-
-    # one decoder layer's saved activations (what autograd and bitsandbytes keep for backward)
-    norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
-    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * batch_size * n_heads * seq_len  # q, k, v, out, lse
-    if packing:
-        # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
-        # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
-        attention += batch_size * seq_len * seq_len * e_act + 2 * tokens * e_act * (q_width - kv_width)
-    mlp = tokens * e_act * 3 * inter  # gate, up, act(gate)
-    extra = 0
-    if mode == "bat" or bits == 8:  # inputs kept: the norms' outputs (shared by their projections) and down's input
-        extra = tokens * (2 * hidden * (4 if bits == 8 else e_act) + inter * e_act)
-        if mode == "bat" and bits is not None and e != norm_e:  # each projection casts the fp32 norm output itself
-            extra += tokens * hidden * e * 3
-    if mode != "bat":
-        extra += tokens * e * r * len(per_layer_targets)  # the shard sums Σ_j x_j each adapter keeps
-    layer_acts = norms_saved + attention + mlp + extra
-    layer_input = tokens * hidden * e_stream  # the residual stream, which checkpointing keeps per layer
-
-    logits = tokens * vocab * 4  # the head runs in fp32 on the fp32 final norm; loss in fp32
+    trainable = sum(sizes)
     grads = 4 * trainable
-    embed_out = tokens * hidden * (e_stream if tied else e_base)  # a tied, upcast head upcasts the embeddings too
 
-    host = 0  # bytes waiting in host memory (offload_activations)
-    if gradient_checkpointing:
-        saved = n_layers * layer_input + embed_out
-        if offload_activations:  # the layer inputs wait on the host; backward brings back one at a time
-            host, saved = saved, 0
-            items["activations: one checkpointed layer input (the rest on the host)"] = layer_input
-        else:
-            items["activations: checkpointed layer inputs"] = saved
-        if bits == 8 and mode != "bat":
-            # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach (and out of the
-            # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive
-            held = n_layers * tokens * (2 * hidden * norm_e + (q_width + inter) * e)
-            items["8-bit: matmul inputs kept past checkpointing"] = held
-            saved += held
-        # while one layer is recomputed and differentiated
-        in_layer = saved + layer_acts + (layer_input if offload_activations else 0)
-    else:
-        saved = n_layers * layer_acts + embed_out
-        if offload_activations:  # every saved activation on the host; one layer's worth back at a time
-            host, saved = saved, 0
-            items["activations: one layer's (the rest on the host)"] = layer_acts
-            in_layer = layer_acts
-        else:
-            items["activations: all layers"] = saved
-            in_layer = saved
-    # A layer's backward peaks either inside its MLP (the gradients of gate, up and their product) or where
-    # a projection's input gradient is formed from its dequantized weight: bitsandbytes dequantizes the
-    # whole weight for that (4-bit: in the compute dtype; 8-bit: in the input's dtype, fp32 after a norm),
-    # bat one chunk pair at a time.
-    if mode == "bat":
-        weight_buffer = _bat_chunk_bytes(modules, targets, r, bat_chunk_bytes, e)
-        if e < 4:  # 16-bit dx is summed over the chunks in fp32: an accumulator, and on CUDA each chunk's fp32 product
-            weight_buffer += 8 * tokens * max(modules[n].in_features for n in targets)
-        items["bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"] = weight_buffer
-    elif bits is not None:
-        largest = max(modules[n].in_features * modules[n].out_features for n in targets)
-        weight_buffer = largest * (e if bits == 4 else 4)
-        items["backward: one dequantized weight"] = weight_buffer
-    else:
-        weight_buffer = 0
-    mlp_grads = tokens * e_act * (3 * inter + 2 * hidden)
-    at_projection = weight_buffer + tokens * e_act * (inter + 2 * hidden)
-    mask = batch_size * seq_len * seq_len if packing else 0  # bool; every layer is handed the same one
-    if packing:
-        items["attention mask: packed sequences (bool, batch × seq²)"] = mask
-    layer_phase = in_layer + mask + max(mlp_grads, at_projection) + grads
-    if chunked_loss:
-        softcap = getattr(hf_config, "final_logit_softcapping", None) is not None
-        rows = min(tokens, chunk_tokens(vocab, loss_chunk_bytes, e, softcap))
-        # one chunk's logits and gradient; the head's input (N, H), its copy in the matmul dtype, its gradient
-        chunk = rows * chunk_bytes_per_token(vocab, e, softcap)
-        loss_bytes = chunk + tokens * hidden * (e_stream + e + (e if e_stream != e else 0))
-        items[f"chunked loss: {rows}-token chunk of logits + gradient, hidden gradient"] = loss_bytes
-    else:
-        loss_bytes = 3 * logits
-        items["logits + loss (fp32)"] = loss_bytes
-    loss_phase = saved + mask + loss_bytes
-    if e_head == 4 and e < 4 and head is not None:
-        # under 16-bit autocast (a bf16 Trainer step) the fp32 head runs on a 16-bit copy of its weight,
-        # which autograd keeps for the head's backward (the chunked loss only while its forward runs)
-        items["autocast: 16-bit copy of the fp32 head"] = head.weight.numel() * e
-        loss_phase += head.weight.numel() * e
+    # transient: activations, the two backward peaks, the gradients
+    activation_items, saved, in_layer, host = _activations(step)
+    items.update(activation_items)
+    backward_items, in_backward = _layer_backward(step)
+    items.update(backward_items)
+    mask = batch_size * seq_len * seq_len if packing else 0
+    loss_items, loss_bytes = _loss(step)
+    items.update(loss_items)
     items["adapter gradients (fp32)"] = grads
-    optimizer_phase = grads + (trainable * 4 if optimizer in ("adamw", "adamw_torch") else 0)  # foreach temporaries
-
-    phases = {"loss backward": loss_phase, "decoder-layer backward": layer_phase, "optimizer step": optimizer_phase}
+    phases = {
+        "loss backward": saved + mask + loss_bytes,
+        "decoder-layer backward": in_layer + mask + in_backward + grads,
+        # foreach temporaries of torch's AdamW
+        "optimizer step": grads + (trainable * 4 if optimizer in ("adamw", "adamw_torch") else 0),
+    }
     phase = max(phases, key=phases.get)
-    notes = [f"activations modelled on a Llama-style decoder layer ({n_layers} layers, SDPA attention, "
-             f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'})"]
-    if "paged" in optimizer:
-        notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
-    if embeddings_on_host:
-        notes.append(f"input embeddings on the host: {embed_host / GiB:.2f} GiB of host memory")
-    if offload_activations:
-        notes.append(f"offloaded activations: {host / GiB:.2f} GiB of pinned host memory, copied over PCIe twice a "
-                     "step")
-    settings = dict(bits=bits, mode=mode, r=r, batch=batch_size, seq=seq_len, checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, compute_dtype=str(compute_dtype).removeprefix("torch."),
-                    chunked_loss=chunked_loss, offload_activations=offload_activations,
-                    embeddings_on_host=embeddings_on_host)
-    if mode == "mini":
-        settings["mini_r"] = mini_r
-    if packing:
-        settings["packing"] = True
     return MemoryPlan(
         model=_describe_model(config, hf_config),
-        settings=settings,
+        settings=_printed_settings(s, bits, compute_dtype, batch_size, seq_len, optimizer, packing),
         items=items,
         static_bytes=static,
         peak_bytes=static + phases[phase],
         peak_phase=phase,
         trainable_parameters=trainable,
-        notes=notes,
+        notes=_notes(step, optimizer, host),
     )
+
+
+def _printed_settings(s: QMissConfig, bits: Optional[int], compute_dtype: torch.dtype, batch_size: int,
+                      seq_len: int, optimizer: str, packing: bool) -> dict:
+    settings = dict(bits=bits, mode=s.mode, r=s.r, batch=batch_size, seq=seq_len,
+                    checkpointing=s.gradient_checkpointing, optimizer=optimizer,
+                    compute_dtype=str(compute_dtype).removeprefix("torch."), chunked_loss=s.chunked_loss,
+                    offload_activations=s.offload_activations, embeddings_on_host=s.embeddings_on_host)
+    if s.mode == "mini":
+        settings["mini_r"] = s.mini_r
+    if packing:
+        settings["packing"] = True
+    return settings
+
+
+def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
+    s = step.settings
+    notes = [f"activations modelled on a Llama-style decoder layer ({len(step.layers)} layers, SDPA attention, "
+             f"{'checkpointing' if s.gradient_checkpointing else 'no checkpointing'})"]
+    if "paged" in optimizer:
+        notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
+    if s.embeddings_on_host:
+        notes.append(f"input embeddings on the host: {step.embed_host / GiB:.2f} GiB of host memory")
+    if s.offload_activations:
+        notes.append(f"offloaded activations: {host / GiB:.2f} GiB of pinned host memory, copied over PCIe twice a "
+                     "step")
+    return notes
 
 
 def _describe_model(config, hf_config) -> str:
@@ -398,12 +444,12 @@ def _decoder_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ in names]
 
 
-def _bat_chunk_bytes(modules: dict, targets: list[str], r: int, budget: int, e: int) -> int:
+def _bat_chunk_bytes(step: _Step, budget: int) -> int:
     """The largest pair of dequantized chunk buffers bat holds at once (see qmiss.ops.chunk_rows)."""
     worst = 0
-    for name in targets:
-        n_in, n_out = modules[name].in_features, modules[name].out_features
-        alignment = 1 if n_in % 64 == 0 else n_out
-        rows = chunk_rows(n_out, n_in, r, alignment, budget, e)
-        worst = max(worst, 2 * rows * n_in * e)
+    for name in step.targets:
+        n_in, n_out = step.shape(name)
+        alignment = quant.row_alignment_of(n_in, n_out, step.bits)
+        rows = chunk_rows(n_out, n_in, step.settings.r, alignment, budget, step.e)
+        worst = max(worst, 2 * rows * n_in * step.e)
     return worst

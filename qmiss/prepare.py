@@ -9,6 +9,7 @@ chunked loss and the offload hooks, and sets the model up for transformers and P
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Union
 
@@ -17,14 +18,13 @@ from torch import nn
 
 from qmiss import hf, methods, quant
 from qmiss.adapters import load_adapter, read_adapter
-from qmiss.config import QMissConfig, mode_from_init_weights
+from qmiss.config import AUTO, QMissConfig, mode_from_init_weights
 from qmiss.inputs import InputError, spelled
 from qmiss.layer import MissLinear
 from qmiss.loss import attach_chunked_loss, check_model as check_chunked_loss
 from qmiss.model import check_targets, miss_layers, output_head, output_layer_names, wrap_targets
 from qmiss.offload import attach_host_embeddings, attach_offload, check_host_embeddings
 
-AUTO = "auto"
 PathLike = Union[str, os.PathLike]
 
 
@@ -109,23 +109,30 @@ def _resolve_storage(
     return quant_storage if quant_storage.is_floating_point else None
 
 
+def fp32_upcast_modules(model: nn.Module, head: bool = True) -> list[nn.Module]:
+    """What QLoRA's habit (``fp32_norms``) upcasts to fp32: every norm, and the output head unless
+    ``head=False`` (the chunked loss keeps it in the compute dtype) or it is adapted or quantized.
+    The rule, stated once: :func:`_upcast_for_kbit_training` applies it, the planner counts it."""
+    modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    output = output_head(model) if head else None
+    if output is not None and not isinstance(output, MissLinear) and quant.quant_bits(output) is None:
+        modules.append(output)
+    return modules
+
+
 def _upcast_for_kbit_training(model: nn.Module, head: bool = True) -> None:
     """Norms and the output head in fp32, as QLoRA's prepare_model_for_kbit_training leaves them
-    (``prepare_qmiss(fp32_norms=True)``).
+    (``prepare_qmiss(fp32_norms=True)``; :func:`fp32_upcast_modules`).
 
     An fp32 norm returns fp32 (transformers' RMSNorm multiplies by its weight last), so the
     head must be fp32 too, and with a 16-bit model every decoder layer after the first then
     receives an fp32 residual stream: twice the activation bytes. The input embeddings (a
     lookup) keep their dtype. ``head=False`` (the chunked loss) leaves the head as it is.
     """
-    modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
-    output = output_head(model) if head else None
-    if output is not None and not isinstance(output, MissLinear) and quant.quant_bits(output) is None:
-        modules.append(output)
-    for module in modules:
+    for module in fp32_upcast_modules(model, head):
         for param in module.parameters(recurse=False):
             if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
+                param.data = param.data.to(torch.float32)
 
 
 def _head_in_compute_dtype(model: nn.Module, compute_dtype: Optional[torch.dtype]) -> None:
@@ -159,28 +166,7 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def prepare_qmiss(
-    model: nn.Module,
-    r: int = 64,
-    bits: Union[int, str, None] = AUTO,
-    mode: Optional[str] = None,
-    mini_r: Optional[int] = None,
-    target_modules: Union[str, list[str]] = "all-linear",
-    exclude_modules: Optional[Union[str, list[str]]] = None,
-    dropout: float = 0.0,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: Optional[torch.dtype] = None,
-    gradient_checkpointing: bool = False,
-    bat_chunk_bytes: int = 64 * 2**20,
-    init_weights: Union[bool, str, None] = None,
-    quant_storage: Optional[torch.dtype] = None,
-    fp32_norms: bool = False,
-    chunked_loss: bool = False,
-    loss_chunk_bytes: int = 64 * 2**20,
-    offload_activations: bool = False,
-    embeddings_on_host: bool = False,
-) -> nn.Module:
+def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **settings) -> nn.Module:
     """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
 
     Every selected linear is quantized with bitsandbytes (if it is not already),
@@ -190,49 +176,26 @@ def prepare_qmiss(
     Args:
         model: a transformers ``PreTrainedModel`` (or any ``nn.Module``), full precision or
             loaded in 4/8-bit through ``BitsAndBytesConfig``.
-        r: shard size (the adapter rank).
-        bits: 4, 8, None/16 (no quantization) or "auto": keep the model's bitsandbytes
-            quantization if it has one, else 4.
-        mode: "default" (MiSS balance), "mini" or "bat". Default "default".
-        mini_r: mini's adapter width along out_features.
-        target_modules: "all-linear" (every linear but the output head), a full-match regex,
-            or a list of names / name suffixes.
-        exclude_modules: same syntax; excluded layers stay untouched.
-        dropout: adapter-input dropout (default/mini only).
-        quant_type: 4-bit data type, "nf4" or "fp4".
-        double_quant: 4-bit double quantization.
-        compute_dtype: dtype of the base matmul and adapter math. None (default): a 16-bit
-            ``bnb_4bit_compute_dtype`` the model was loaded with, else each layer follows its
-            device, also after a move: bf16 on CUDA (fp16 without bf16 support), fp32 on the CPU.
-        gradient_checkpointing: turn on transformers' (non-reentrant) gradient checkpointing.
-        bat_chunk_bytes: bat: byte budget of one dequantized chunk of weight rows.
-        init_weights: PEFT's name for the mode (True, "mini", "bat"); give this or ``mode``.
-        quant_storage: 4-bit: store the packed weights as this float dtype (transformers'
-            ``bnb_4bit_quant_storage``), for FSDP1, which flattens one dtype per unit. Every
-            frozen tensor is then kept in this dtype too (norms and head are not upcast), and the
-            fp32 adapters go in units of their own (:func:`qmiss.fsdp_auto_wrap_policy`). A
-            model loaded with a float ``bnb_4bit_quant_storage`` gets this layout by itself.
-        fp32_norms: QLoRA's habit: norms and the output head upcast to fp32. Off by default:
-            everything frozen keeps the dtype the model was loaded in, so a bf16 model's residual
-            stream stays bf16 from end to end (transformers computes the loss in fp32 either way).
-            With it on, a 16-bit model's stream turns fp32 after the first norm.
-        chunked_loss: in training mode, ``model(..., labels=...)`` returns transformers' causal-LM
-            loss computed chunk by chunk of tokens (:mod:`qmiss.loss`) and ``logits=None``: the
-            (tokens × vocabulary) logits and their gradient never exist. Evaluation, generation and
-            calls without labels are unchanged. The output head then stays in the compute dtype
-            (not upcast by ``fp32_norms``; an fp32 head is cast to a 16-bit ``compute_dtype``).
-        loss_chunk_bytes: byte budget of one chunk of the chunked loss's logits and gradient.
-        offload_activations: in training, what autograd saves outside the checkpointed layers
-            (chiefly each layer's input) waits in pinned host memory until backward
-            (:mod:`qmiss.offload`). A no-op for tensors already on the CPU.
-        embeddings_on_host: the input embedding table stays in host memory and each batch's rows
-            are looked up there and moved to the device of the token ids (:mod:`qmiss.offload`);
-            not for models that tie it to the output head.
+        config: a :class:`~qmiss.QMissConfig` (PEFT's habit: ``get_peft_model(model, config)``);
+            ``settings`` given as well replace its fields.
+        **settings: any :class:`~qmiss.QMissConfig` field, with the defaults and meanings stated
+            there: ``r=64``, ``bits="auto"`` (keep the model's bitsandbytes quantization, else 4),
+            ``mode="default"`` (or PEFT's ``init_weights=True | "mini" | "bat"``), ``mini_r``,
+            ``target_modules="all-linear"``, ``exclude_modules``, ``dropout``, ``quant_type``,
+            ``double_quant``, ``compute_dtype``, ``bat_chunk_bytes``, and how the model trains:
+            ``gradient_checkpointing``, ``quant_storage`` (4-bit weights stored as a float dtype for
+            FSDP1: every frozen tensor then keeps that dtype, the adapters go in units of their own,
+            see :func:`qmiss.fsdp_auto_wrap_policy`), ``fp32_norms`` (QLoRA's habit: a 16-bit model's
+            stream turns fp32 after the first norm), ``chunked_loss`` / ``loss_chunk_bytes`` (in
+            training, ``model(..., labels=...)`` returns the causal-LM loss computed chunk by chunk of
+            tokens and ``logits=None``; the head stays in the compute dtype), ``offload_activations``
+            and ``embeddings_on_host`` (:mod:`qmiss.offload`).
 
     Returns:
-        The same model object, with ``model.qmiss_config`` set, and set up for transformers and
-        PEFT-style code (:mod:`qmiss.hf`, :mod:`qmiss.methods`) (``save_pretrained`` writes the adapter; PEFT's
-        ``print_trainable_parameters``, ``disable_adapter``, ``merge_and_unload``, ``unload`` …).
+        The same model object, with ``model.qmiss_config`` set (the settings as applied: ``bits`` and
+        ``compute_dtype`` resolved), and set up for transformers and PEFT-style code (:mod:`qmiss.hf`,
+        :mod:`qmiss.methods`) (``save_pretrained`` writes the adapter; PEFT's ``print_trainable_parameters``,
+        ``disable_adapter``, ``merge_and_unload``, ``unload`` …).
 
     Raises:
         ValueError / TypeError: bad settings, shapes r does not fit, no matching layer,
@@ -243,32 +206,24 @@ def prepare_qmiss(
             f"{type(model).__name__} already has qmiss adapters; prepare_qmiss is called once per model — "
             "load a fresh model to start over, or use qmiss.disable_adapter(model) to get the base output"
         )
+    init_weights = settings.pop("init_weights", None)
     if init_weights is not None:
         from_alias = mode_from_init_weights(init_weights)
-        if mode is not None and mode != from_alias:
-            raise ValueError(f"mode={mode!r} and init_weights={init_weights!r} disagree; give only one of them")
-        mode = from_alias
-    if bits not in (AUTO, 4, 8, 16, None):
-        raise InputError(f"{spelled('bits')}={bits!r} is not supported; use 4, 8, None (or 16) for no quantization, "
-                         "or 'auto'")
-    config = QMissConfig(
-        r=r,
-        mode=mode or "default",
-        mini_r=mini_r,
-        bits=4 if bits == AUTO else bits,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        target_modules=target_modules,
-        exclude_modules=exclude_modules,
-        dropout=dropout,
-        compute_dtype=compute_dtype,
-        bat_chunk_bytes=bat_chunk_bytes,
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-    )
+        if settings.get("mode") not in (None, from_alias):
+            raise ValueError(f"mode={settings['mode']!r} and init_weights={init_weights!r} disagree; give only one "
+                             "of them")
+        settings["mode"] = from_alias
+    if settings.get("mode", "") is None:
+        settings.pop("mode")
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config is not None else {}
+    config = QMissConfig.from_settings({**given, **settings})
+    bits = config.bits
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     targets = check_targets(model, config)
-    check_long_context(model, targets, chunked_loss, loss_chunk_bytes, embeddings_on_host)
+    check_long_context(model, targets, config.chunked_loss, config.loss_chunk_bytes, config.embeddings_on_host)
     config.bits = _resolve_bits(model, targets, bits)
-    storage = _resolve_storage(model, targets, config.bits, quant_storage)
+    storage = _resolve_storage(model, targets, config.bits, config.quant_storage)
     if config.compute_dtype is None:
         modules = dict(model.named_modules())
         config.compute_dtype = _loaded_compute_dtype([modules[n] for n in targets])
@@ -277,9 +232,9 @@ def prepare_qmiss(
     for module in model.modules():  # untargeted 4-bit layers too: eval must see the weights training saw
         if quant.is_linear(module):
             quant.prepare_for_adapter(module)
-    if fp32_norms and config.bits is not None and storage is None:
-        _upcast_for_kbit_training(model, head=not chunked_loss)
-    if chunked_loss:
+    if config.fp32_norms and config.bits is not None and storage is None:
+        _upcast_for_kbit_training(model, head=not config.chunked_loss)
+    if config.chunked_loss:
         _head_in_compute_dtype(model, config.compute_dtype)
     wrap_targets(model, targets, config, storage)
     if storage is not None:  # FSDP1 layout: one dtype for every frozen tensor of a unit
@@ -292,13 +247,13 @@ def prepare_qmiss(
     enable_input_grads = getattr(model, "enable_input_require_grads", None)
     if callable(enable_input_grads):
         enable_input_grads()
-    if gradient_checkpointing:
+    if config.gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=False)
-    if offload_activations:  # registered first, so the chunked loss's own saved tensors stay on the device
+    if config.offload_activations:  # registered first, so the chunked loss's own saved tensors stay on the device
         attach_offload(model)
-    if chunked_loss:
-        attach_chunked_loss(model, loss_chunk_bytes)
-    if embeddings_on_host:
+    if config.chunked_loss:
+        attach_chunked_loss(model, config.loss_chunk_bytes)
+    if config.embeddings_on_host:
         attach_host_embeddings(model)
     model.qmiss_config = config
     hf.attach(model)  # transformers' flags: see qmiss/hf.py

@@ -77,6 +77,8 @@ INT8_THRESHOLD = 6.0
 INT8_SCALE = 7.874015718698502e-3
 #: int8 rows wanted in another dtype than fp32 are computed in fp32 this many parts at a time
 #: (the fp32 temporary stays a small fraction of the output, not twice a 16-bit one).
+#: values per absmax of a 4-bit weight (bitsandbytes' default, which quantize_linear keeps).
+BLOCKSIZE = 64
 DEQUANT_PARTS = 16
 
 
@@ -357,7 +359,27 @@ def row_alignment(module: nn.Module) -> int:
     dequantize a row range of such a weight the way it dequantizes the whole, and
     qmiss stays consistent with what the base layer itself computes.
     """
-    if quant_bits(module) != 4:
+    bits = quant_bits(module)
+    blocksize = _quant_state(module).blocksize if bits == 4 else BLOCKSIZE
+    return row_alignment_of(module.in_features, module.out_features, bits, blocksize)
+
+
+def row_alignment_of(n_in: int, n_out: int, bits: Optional[int], blocksize: int = BLOCKSIZE) -> int:
+    """:func:`row_alignment` from the shape alone (the planner's meta model has no quantization state)."""
+    if bits != 4:
         return 1
-    blocksize = _quant_state(module).blocksize
-    return 1 if module.in_features % blocksize == 0 else module.out_features
+    return 1 if n_in % blocksize == 0 else n_out
+
+
+def stored_bytes(n_in: int, n_out: int, bits: Optional[int], double_quant: bool, base_itemsize: int,
+                 blocksize: int = BLOCKSIZE) -> int:
+    """Bytes of one linear's weight as qmiss stores it (bitsandbytes' layouts; 16-bit: ``base_itemsize`` each)."""
+    values = n_in * n_out
+    if bits == 4:
+        blocks = math.ceil(values / blocksize)
+        if double_quant:  # uint8 absmax per block, fp32 absmax per 256 of those, a 256-entry code, an offset
+            return values // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
+        return values // 2 + 4 * blocks
+    if bits == 8:
+        return values + 4 * n_out  # int8 + one fp32 scale per row
+    return values * base_itemsize

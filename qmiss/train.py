@@ -40,7 +40,7 @@ from transformers import (
 
 from qmiss import data as rows_io
 from qmiss.adapters import atomic_write_json
-from qmiss.config import QMissConfig, default_compute_dtype, mode_from_init_weights
+from qmiss.config import DEFAULTS, FRONT_END_DEFAULTS, QMissConfig, default_compute_dtype, mode_from_init_weights
 from qmiss.demo import DEMO_DEFAULTS, arithmetic_problems, held_out_accuracy
 from qmiss.encode import IGNORE, ChatTemplateError, Encoder, chat_prompt
 from qmiss.gguf_file import converted_folder, is_gguf, load_tokenizer
@@ -62,27 +62,31 @@ BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 #: prepare_qmiss's arguments and the qmiss-train flags that set them, for error messages.
 FLAGS = {"r": "--miss_r", "mini_r": "--mini_r", "mode": "--mode", "init_weights": "--init_weights", "bits": "--bits",
          "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules"}
+#: qmiss-train's own defaults where they differ from the API's (config.FRONT_END_DEFAULTS says why).
+COMMAND = FRONT_END_DEFAULTS["qmiss-train"]
+
+
 @dataclass
 class ModelArguments:
     base_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Model folder or hub id. Default: the built-in SmolLM2-135M-Instruct demo."})
-    miss_r: int = field(default=64, metadata={"help": "MiSS shard size r (the rank)."})
+    miss_r: int = field(default=DEFAULTS.r, metadata={"help": "MiSS shard size r (the rank)."})
     init_weights: str = field(default="True", metadata={"help": "PEFT's MiSS variant: True (balance), bat or mini."})
     mode: Optional[str] = field(default=None, metadata={"help": "Clearer alias of --init_weights: default, mini, bat."})
     mini_r: Optional[int] = field(default=None, metadata={"help": "mini: adapter width along out_features."})
     bits: str = field(default="4", metadata={"help": "Base precision: 4, 8 (bitsandbytes), bf16, fp16 or fp32."})
-    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
-    double_quant: bool = field(default=True, metadata={"help": "4-bit double quantization."})
+    quant_type: str = field(default=DEFAULTS.quant_type, metadata={"help": "4-bit data type: nf4 or fp4."})
+    double_quant: bool = field(default=DEFAULTS.double_quant, metadata={"help": "4-bit double quantization."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names; default all-linear."})
-    miss_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (default/mini)."})
-    chunked_loss: bool = field(default=True, metadata={
+    miss_dropout: float = field(default=DEFAULTS.dropout, metadata={"help": "Dropout on the adapter input (default/mini)."})
+    chunked_loss: bool = field(default=COMMAND["chunked_loss"], metadata={
         "help": "Compute the training loss chunk by chunk of tokens, never the full logits (--chunked_loss false: "
                 "transformers' own loss)."})
-    loss_chunk_mib: int = field(default=64, metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
-    offload_activations: bool = field(default=False, metadata={
+    loss_chunk_mib: int = field(default=DEFAULTS.loss_chunk_bytes // 2**20, metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
+    offload_activations: bool = field(default=DEFAULTS.offload_activations, metadata={
         "help": "Keep the checkpointed layer inputs in pinned host memory until backward (a GPU-memory saving "
                 "for long sequences; a no-op on the CPU)."})
-    embeddings_on_host: bool = field(default=False, metadata={
+    embeddings_on_host: bool = field(default=DEFAULTS.embeddings_on_host, metadata={
         "help": "Keep the input embedding table in host memory and move only each batch's rows to the GPU "
                 "(1 GiB less for Llama-3-8B; not for models with tied embeddings)."})
 
@@ -248,13 +252,11 @@ def check_model_args(model_args: ModelArguments) -> str:
         check_local_path(name, "--base_model_name_or_path")
     path = name or str(smollm2_path())
     with spelled_as(FLAGS):
-        settings = _qmiss_settings(model_args)
-        loss_settings = {k: settings.pop(k) for k in ("chunked_loss", "loss_chunk_bytes", "embeddings_on_host")}
-        settings.pop("offload_activations")  # nothing about the model to check
-        config = QMissConfig(**settings)
+        config = QMissConfig(**_qmiss_settings(model_args))
         hf_config = load_hf_config(path, what="--base_model_name_or_path")
         meta = meta_model(hf_config)
-        check_long_context(meta, check_targets(meta, config), **loss_settings)
+        check_long_context(meta, check_targets(meta, config), config.chunked_loss, config.loss_chunk_bytes,
+                           config.embeddings_on_host)
     return path
 
 

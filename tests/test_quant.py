@@ -160,3 +160,24 @@ def test_the_cli_is_quiet_and_offline_whatever_the_cpu(avx512_bf16: bool, tmp_pa
         "import qmiss, bitsandbytes as bnb; print(bnb.nn.Linear4bit(8, 8).support_avx512bf16_for_cpu)")
     probe = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env)
     assert (probe.stdout.strip(), probe.stderr) == (str(avx512_bf16), "")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dq", [True, False])
+@pytest.mark.parametrize("n_in", [128, 96])
+def test_stored_bytes_counts_what_bitsandbytes_stores(bits: int, dq: bool, n_in: int) -> None:
+    """The planner's weight bytes (quant.stored_bytes) are the bytes of the weight and its quantization state."""
+    layer = make_base(bits, n_in, 64, bias=False, double_quant=dq)
+    weight = layer.weight
+    tensors = [weight.data]
+    if bits == 4:
+        state = weight.quant_state
+        tensors += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if dq else [])
+    else:
+        tensors.append(weight.SCB)
+    stored = sum(t.numel() * t.element_size() for t in tensors) + (4 if bits == 4 and dq else 0)  # the fp32 offset
+    expected = quant.stored_bytes(n_in, 64, bits, dq, 2)
+    if bits == 4:
+        expected += 4 * 16  # the 16-entry fp32 nf4/fp4 code each layer points at; the planner leaves it out
+    assert stored == expected
+    assert quant.row_alignment(layer) == quant.row_alignment_of(n_in, 64, bits)
