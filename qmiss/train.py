@@ -502,7 +502,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def train() -> int:
-        run(argv)
+        try:
+            run(argv)
+        finally:  # under torchrun / accelerate: leave the process group before exit, not in its destructors
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         return 0
 
     return exit_status("qmiss-train", argv, train)
