@@ -79,7 +79,8 @@ def check_compute_dtype(dtype: Optional[torch.dtype], bits: Optional[int], where
         raise TypeError(f"{where}={dtype!r} is not a floating-point torch.dtype; use torch.bfloat16, torch.float16 "
                         "or torch.float32, or None for the default (bf16 on CUDA, fp32 on the CPU)")
     if bits is not None and dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"{where}={dtype} on a {'4/8' if bits == AUTO else bits}-bit base: bitsandbytes computes in bf16, fp16 or fp32 only; "
+        base = "4/8" if bits == AUTO else bits
+        raise ValueError(f"{where}={dtype} on a {base}-bit base: bitsandbytes computes in bf16, fp16 or fp32 only; "
                          "use one of those, or None for the default (bf16 on CUDA, fp32 on the CPU)")
 
 

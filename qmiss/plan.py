@@ -16,6 +16,12 @@ would adapt, and adds up what a training step holds at its worst moment:
 The activation counts follow transformers' Llama-family decoder layer (RMSNorm,
 rotary attention through SDPA, gated MLP), which Llama, Mistral, Qwen2 and SmolLM
 share; they are checked against :func:`qmiss.measure_peak` in the tests.
+
+Why one file of ~450 lines: it is one model of one training step. Each part (:func:`_weights`,
+:func:`_adapters`, :func:`_optimizer`, :func:`_activations`, :func:`_layer_backward`, :func:`_loss`) is a
+function that reads as the plan's printed lines, and they share the step's shapes and byte sizes
+(:class:`_Step`); the rules they apply (adapter shapes, stored bytes, alignment, the fp32 up-cast) come
+from the modules that own them.
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ def _weights(step: _Step) -> dict[str, int]:
     items: dict[str, int] = {}
     quantized = sum(quant.stored_bytes(*step.shape(n), step.bits, s.double_quant, e_base) for n in targets)
     biases = sum(modules[n].bias.numel() * e_base for n in targets if modules[n].bias is not None)
-    label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales", None: "16-bit target weights"}[step.bits]
+    label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales",
+             None: "16-bit target weights"}[step.bits]
     items[label] = quantized + biases
 
     upcast = set()
@@ -206,7 +213,8 @@ def _layer_activations(step: _Step) -> int:
     q_width, kv_width, inter = step.q_width, step.kv_width, step.inter
     per_layer_targets = [n for n in step.targets if n.startswith(step.layers[0] + ".")] if step.layers else []
     norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
-    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * step.batch * step.n_heads * step.seq  # q,k,v,out,lse
+    # q, k, v, the output and the log-sum-exp
+    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * step.batch * step.n_heads * step.seq
     if step.packing:
         # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
         # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
@@ -270,7 +278,8 @@ def _layer_backward(step: _Step) -> tuple[dict[str, int], int]:
         weight_buffer = _bat_chunk_bytes(step, s.bat_chunk_bytes)
         if e < 4:  # 16-bit dx is summed over the chunks in fp32: an accumulator, and on CUDA each chunk's fp32 product
             weight_buffer += 8 * tokens * max(step.shape(n)[0] for n in step.targets)
-        items["bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"] = weight_buffer
+        label = "bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"
+        items[label] = weight_buffer
     elif step.bits is not None:
         largest = max(math.prod(step.shape(n)) for n in step.targets)
         weight_buffer = largest * (e if step.bits == 4 else 4)

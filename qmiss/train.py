@@ -14,6 +14,12 @@ dataclasses below, TrainingArguments included). Pairs are prompted with ``--prom
 padding (:mod:`qmiss.packing`; ``--packing false`` pads each batch instead). The model is a folder,
 a hub id or a GGUF file (:mod:`qmiss.gguf_file`). Checkpoints and the output folder hold the adapter
 in PEFT's MiSS format (never the frozen base), the tokenizer, the arguments and a ``summary.json``.
+
+Why one file of ~500 lines: it is the command and only the command — its flags (three dataclasses whose
+help texts are a quarter of it), the flags' rows made sequences, the model loaded as they say, the parse
+that spells errors as typed, and the run. Each piece is read from every other one's flags; what stands
+alone lives below it (the rows: data.py, the tokens: encode.py, packing.py, the task: demo.py, the
+checkpoints: trainer.py).
 """
 
 from __future__ import annotations
@@ -78,11 +84,13 @@ class ModelArguments:
     quant_type: str = field(default=DEFAULTS.quant_type, metadata={"help": "4-bit data type: nf4 or fp4."})
     double_quant: bool = field(default=DEFAULTS.double_quant, metadata={"help": "4-bit double quantization."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names; default all-linear."})
-    miss_dropout: float = field(default=DEFAULTS.dropout, metadata={"help": "Dropout on the adapter input (default/mini)."})
+    miss_dropout: float = field(default=DEFAULTS.dropout,
+                                metadata={"help": "Dropout on the adapter input (default/mini)."})
     chunked_loss: bool = field(default=COMMAND["chunked_loss"], metadata={
         "help": "Compute the training loss chunk by chunk of tokens, never the full logits (--chunked_loss false: "
                 "transformers' own loss)."})
-    loss_chunk_mib: int = field(default=DEFAULTS.loss_chunk_bytes // 2**20, metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
+    loss_chunk_mib: int = field(default=DEFAULTS.loss_chunk_bytes // 2**20,
+                                metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
     offload_activations: bool = field(default=DEFAULTS.offload_activations, metadata={
         "help": "Keep the checkpointed layer inputs in pinned host memory until backward (a GPU-memory saving "
                 "for long sequences; a no-op on the CPU)."})

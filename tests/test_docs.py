@@ -182,3 +182,33 @@ def test_imports_sit_at_the_top_but_the_optional_ones() -> None:
     assert not late
     layout = (ROOT / "docs/development.md").read_text()
     assert all(f"`{p}`" in layout for p in LATE_IMPORTS)
+
+
+def test_the_files_docs_and_docstrings_cite_exist() -> None:
+    """Every project path and test file named in the README, docs/, or a docstring or comment of qmiss/,
+    tests/, benchmarks/ and examples/ exists (what a benchmark writes under benchmarks/results/ aside)."""
+    sources = [*PAGES, *ROOT.glob("qmiss/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"),
+               *ROOT.glob("examples/*.py"), *ROOT.glob("scripts/*.sh")]
+    cited = set()
+    for source in sources:
+        text = source.read_text()
+        cited |= set(re.findall(r"\b((?:qmiss|tests|benchmarks|examples|scripts|docs)/[\w./-]+\.(?:py|sh|md|txt|toml))",
+                                text))
+        cited |= {f"tests/{name}" for name in re.findall(r"\b(test_\w+\.py)\b", text)}
+    missing = sorted(p for p in cited if not (ROOT / p).exists() and not p.startswith("benchmarks/results/"))
+    assert not missing
+
+
+def test_every_module_is_under_the_import_contracts() -> None:
+    """A new module must take a place in the layers and in the forbidden contracts' lists (import-linter
+    checks only the modules a contract names)."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    modules = {p.stem for p in (ROOT / "qmiss").glob("*.py")} - {"__init__"}
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    assert {m.strip() for layer in layers for m in layer.split("|")} == modules
+    sources = {c["name"]: {s.removeprefix("qmiss.") for s in c["source_modules"]}
+               for c in contracts if c["type"] == "forbidden"}
+    assert sources["Only qmiss.quant imports bitsandbytes"] == modules - {"quant", "__main__"}
+    assert sources["No library module imports the commands"] == modules - {"train", "cli", "__main__"}
