@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from qmiss import quant
 from qmiss.config import QMissConfig
 from qmiss.inputs import InputError, few, spelled
-from qmiss.layer import MissLinear, shape_problem
+from qmiss.layer import MissBlock, MissLinear, shape_problem
 
 
 def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
@@ -42,6 +42,30 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
 
 
+#: last name parts of mixture-of-experts routers and gates: linears whose few outputs pick or weigh experts.
+#: "all-linear" leaves them alone (16-bit, frozen), as transformers' bitsandbytes integration does.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def is_router(name: str) -> bool:
+    """Whether the module at ``name`` is a mixture-of-experts router or gate (see :data:`ROUTER_NAMES`)."""
+    return name.split(".")[-1] in ROUTER_NAMES
+
+
+def unreachable_weights(model: nn.Module) -> dict[str, int]:
+    """Matmul weights qmiss can neither quantize nor adapt: floating parameters of two or more dimensions held by
+    modules that are not linears, embeddings or routers (the fused 3-D experts of transformers' MoE models), by
+    name, with their sizes. ``prepare_qmiss`` warns about them."""
+    found = {}
+    for name, module in model.named_modules():
+        if quant.is_linear(module) or isinstance(module, (nn.Embedding, MissLinear, MissBlock)) or is_router(name):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2 and param.is_floating_point() and not param_name.endswith("bias"):
+                found[f"{name}.{param_name}" if name else param_name] = param.numel()
+    return found
+
+
 def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
     """Names of the linear layers ``config`` selects, in model order.
 
@@ -57,7 +81,7 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
             continue
         (conv_names if is_conv else linear_names).append(name)
         if config.target_modules == "all-linear":
-            selected = name not in skip
+            selected = name not in skip and not is_router(name)
         else:
             selected = _matches(name, config.target_modules)
         if selected and not _matches(name, config.exclude_modules):

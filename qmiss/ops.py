@@ -204,7 +204,10 @@ class BatLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         r = block.shape[-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = x2.new_empty(x2.shape[0], out_features)
+        # the output is a tensor of its own, written through a 2-D view: a view returned from a Function could
+        # not be modified in place afterwards (Falcon adds to a projection's output in place)
+        out = x.new_empty(*x.shape[:-1], out_features)
+        y = out.view(-1, out_features)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice
             # one W' buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults
             buffer = x2.new_empty(min(chunk, out_features), x2.shape[1])
@@ -217,7 +220,7 @@ class BatLinear(torch.autograd.Function):
                 y += bias
         ctx.save_for_backward(x, block)
         ctx.rows, ctx.chunk, ctx.has_bias = rows, chunk, bias is not None
-        return y.view(*x.shape[:-1], out_features)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):

@@ -38,10 +38,10 @@ from torch import nn
 
 from qmiss import quant
 from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
-from qmiss.inputs import InputError, spelled
+from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import adapter_shape
 from qmiss.loss import chunk_bytes_per_token, chunk_tokens
-from qmiss.model import check_targets, output_head
+from qmiss.model import check_targets, output_head, unreachable_weights
 from qmiss.offload import check_host_embeddings
 from qmiss.ops import chunk_rows
 from qmiss.prepare import fp32_upcast_modules
@@ -424,6 +424,11 @@ def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
     s = step.settings
     notes = [f"activations modelled on a Llama-style decoder layer ({len(step.layers)} layers, SDPA attention, "
              f"{'checkpointing' if s.gradient_checkpointing else 'no checkpointing'})"]
+    left = unreachable_weights(step.model)
+    if left:
+        notes.append(f"{len(left)} matmul weights qmiss cannot quantize or adapt yet (fused mixture-of-experts "
+                     f"experts: {few(sorted(left), 2)}) counted unquantized and frozen, "
+                     f"{sum(left.values()) * step.e_base / GiB:.2f} GiB")
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
     if s.embeddings_on_host:

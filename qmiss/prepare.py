@@ -10,7 +10,9 @@ chunked loss and the offload hooks, and sets the model up for transformers and P
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -19,10 +21,11 @@ from torch import nn
 from qmiss import hf, methods, quant
 from qmiss.adapters import load_adapter, read_adapter
 from qmiss.config import AUTO, QMissConfig, mode_from_init_weights
-from qmiss.inputs import InputError, spelled
+from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import MissLinear
 from qmiss.loss import attach_chunked_loss, check_model as check_chunked_loss
-from qmiss.model import check_targets, miss_layers, output_head, output_layer_names, wrap_targets
+from qmiss.model import (check_targets, miss_layers, output_head, output_layer_names, unreachable_weights,
+                         wrap_targets)
 from qmiss.offload import attach_host_embeddings, attach_offload, check_host_embeddings
 
 PathLike = Union[str, os.PathLike]
@@ -166,6 +169,22 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def _warn_unreachable(model: nn.Module, targets: list[str]) -> None:
+    """Name the matmul weights left in 16-bit and frozen because no qmiss layer can hold them, with their share."""
+    left = unreachable_weights(model)
+    if not left:
+        return
+    modules = dict(model.named_modules())
+    adapted = sum(math.prod(quant.in_out_features(modules[n].base_layer)) for n in targets)
+    share = sum(left.values()) / (sum(left.values()) + adapted)
+    warnings.warn(
+        f"prepare_qmiss: {len(left)} matmul weight(s) are not linears qmiss can quantize or adapt, so they stay "
+        f"unquantized and frozen — {few(sorted(left))}: {share:.0%} of the model's matmul weights (fused "
+        "mixture-of-experts experts are not supported yet); the model will be larger and train less than planned",
+        stacklevel=3,
+    )
+
+
 def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **settings) -> nn.Module:
     """Turn a transformers model into a trainable 4-bit/8-bit (or 16-bit) MiSS model, in place.
 
@@ -255,6 +274,7 @@ def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **sett
         attach_chunked_loss(model, config.loss_chunk_bytes)
     if config.embeddings_on_host:
         attach_host_embeddings(model)
+    _warn_unreachable(model, targets)
     model.qmiss_config = config
     hf.attach(model)  # transformers' flags: see qmiss/hf.py
     methods.bind(model)  # save_pretrained, PEFT's methods, the dtype casts: see qmiss/methods.py

@@ -9,7 +9,7 @@ import socket
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import qmiss
 from qmiss import MissLinear, demo, quant
@@ -122,3 +122,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_moe(model_type: str, seed: int = 0):
+    """A tiny mixture-of-experts causal LM of ``model_type`` (Mixtral, Qwen2-MoE, PhiMoE, gpt-oss …): 2 layers,
+    4 experts, hidden 64."""
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    for name, value in (("moe_intermediate_size", 32), ("shared_expert_intermediate_size", 32),
+                        ("num_local_experts", 4), ("num_experts", 4)):
+        if hasattr(config, name):
+            setattr(config, name, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

@@ -155,3 +155,14 @@ def test_delta_weight_in_fp64_on_a_4bit_base() -> None:
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got.float(), layer.delta_weight(torch.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_bat_output_may_be_modified_in_place() -> None:
+    """Falcon adds to a projection's output in place; bat's output must not be a view made inside its Function."""
+    torch.manual_seed(0)
+    layer = MissLinear(make_base(4, 64, 32), r=16, mode="bat")
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    y = layer(x)
+    y += 1.0
+    y.sum().backward()
+    assert x.grad is not None and layer.miss_block.grad is not None

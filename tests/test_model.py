@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import qmiss
 from qmiss import MissLinear, quant
 from qmiss.prepare import enable_checkpointing, is_checkpointing
-from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama
+from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama, tiny_moe
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
@@ -266,3 +267,39 @@ def test_preloaded_4bit_keeps_its_compute_dtype(tiny_dir: str) -> None:
     assert model.qmiss_config.compute_dtype == torch.bfloat16
     assert all(layer.compute_dtype == torch.bfloat16 for _, layer in qmiss.miss_layers(model))
     assert torch.isfinite(model(torch.randint(0, 256, (1, 6))).logits).all()
+
+
+@pytest.mark.parametrize("model_type, router", [("mixtral", "mlp.gate"), ("qwen2_moe", "mlp.shared_expert_gate"),
+                                                ("phimoe", "mlp.router"), ("gpt_oss", "mlp.router")])
+def test_moe_routers_stay_and_fused_experts_are_named(model_type: str, router: str) -> None:
+    """Routers and gates are no "all-linear" target (a wrapped PhiMoE router broke the forward; Qwen2-MoE's
+    1-wide shared_expert_gate refused bat); fused 3-D experts, which no qmiss layer holds yet, are named in a
+    warning with their share of the matmul weights instead of being left 16-bit in silence."""
+    model = tiny_moe(model_type)
+    with pytest.warns(UserWarning, match=r"prepare_qmiss: \d+ matmul weight\(s\) .* unquantized and frozen — "
+                                         r"model\.layers\.0\.mlp\.experts\.down_proj.*: \d+% of the model's matmul"):
+        qmiss.prepare_qmiss(model, r=16, bits=4, mode="bat")
+    adapted = [name for name, _ in qmiss.miss_layers(model)]
+    assert adapted and not [n for n in adapted if n.endswith(router)]
+    ids = torch.randint(0, 128, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_dense_model_prepares_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="prepare_qmiss")
+        qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4)
+
+
+def test_falcon_trains_in_bat_mode() -> None:
+    """Falcon modifies a projection's output in place; bat's backward must survive it."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+    qmiss.prepare_qmiss(model, r=16, bits=4, mode="bat")
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -268,3 +268,14 @@ def test_plan_follows_packed_sequences(smollm2_dir, checkpointing: bool) -> None
     assert abs(planned[True] / measured[True] - 1) <= TOLERANCE
     extra_measured, extra_planned = measured[True] - measured[False], planned[True] - planned[False]
     assert extra_measured > 0 and abs(extra_planned / extra_measured - 1) <= 0.10, (extra_planned, extra_measured)
+
+
+def test_the_plan_names_fused_experts_it_counts_unquantized() -> None:
+    from tests.helpers import tiny_moe
+
+    plan = plan_memory(tiny_moe("mixtral").config, r=16)
+    (note,) = [n for n in plan.notes if "mixture-of-experts" in n]
+    assert "model.layers.0.mlp.experts.down_proj" in note and "counted unquantized" in note
+    from tests.helpers import tiny_llama_config
+
+    assert not [n for n in plan_memory(tiny_llama_config(), r=16).notes if "mixture-of-experts" in n]
