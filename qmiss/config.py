@@ -17,7 +17,10 @@ import torch
 from qmiss.inputs import InputError, spelled
 
 #: qmiss's version (pyproject.toml's, as installed), recorded in every adapter folder (``qmiss_config.json``).
-__version__ = importlib.metadata.version("qmiss")
+try:
+    __version__ = importlib.metadata.version("qmiss")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 Mode = Literal["default", "mini", "bat"]
 MODES: tuple[str, ...] = ("default", "mini", "bat")

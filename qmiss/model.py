@@ -53,12 +53,12 @@ def is_router(name: str) -> bool:
 
 
 def unreachable_weights(model: nn.Module) -> dict[str, int]:
-    """Matmul weights qmiss can neither quantize nor adapt: floating parameters of two or more dimensions held by
-    modules that are not linears, embeddings or routers (the fused 3-D experts of transformers' MoE models), by
-    name, with their sizes. ``prepare_qmiss`` warns about them."""
+    """Matmul weights qmiss can neither quantize nor adapt yet: the fused expert weights of transformers'
+    mixture-of-experts blocks (a module whose class is an ``...Experts``, holding (experts, out, in) or
+    (experts, in, out) tensors), by name, with their sizes. ``prepare_qmiss`` warns about them."""
     found = {}
     for name, module in model.named_modules():
-        if quant.is_linear(module) or isinstance(module, (nn.Embedding, MissLinear, MissBlock)) or is_router(name):
+        if "Experts" not in type(module).__name__ or isinstance(module, (MissLinear, MissBlock)):
             continue
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() >= 2 and param.is_floating_point() and not param_name.endswith("bias"):

@@ -318,8 +318,8 @@ def _loss(step: _Step) -> tuple[dict[str, int], int]:
 
 def plan_memory(
     config,
-    settings: Optional[QMissConfig] = None,
     *,
+    settings: Optional[QMissConfig] = None,
     batch_size: int = 1,
     seq_len: int = 512,
     optimizer: str = "paged_adamw_8bit",
@@ -356,6 +356,9 @@ def plan_memory(
     if optimizer not in OPTIMIZERS:
         raise InputError(f"{spelled('optimizer')}={optimizer!r} is not one the planner knows; use one of "
                          f"{sorted(OPTIMIZERS)}")
+    if settings is not None and not isinstance(settings, QMissConfig):
+        raise TypeError(f"plan_memory(settings={settings!r}): pass a qmiss.QMissConfig, or the settings as keywords "
+                        "(r=64, bits=4, mode='bat', …)")
     given = dataclasses.asdict(settings) if settings is not None else dict(FRONT_END_DEFAULTS["plan_memory"])
     given.update(qmiss_settings)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", given.get("r", DEFAULTS.r)),

@@ -169,6 +169,27 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def _as_qmiss_config(config: object) -> QMissConfig:
+    """``prepare_qmiss``'s second argument as a QMissConfig: one already, or PEFT's ``MissConfig`` / ``BoneConfig``
+    read as its adapter folder would be (``bits`` then follows the model, as with keyword settings).
+
+    Raises:
+        TypeError: anything else, saying what to write instead.
+    """
+    if isinstance(config, QMissConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if type(config).__name__ in ("MissConfig", "BoneConfig") and callable(to_dict):
+        payload = dict(to_dict())
+        payload["peft_type"] = str(getattr(payload.get("peft_type"), "value", payload.get("peft_type")))
+        if isinstance(payload.get("target_modules"), (set, frozenset)):
+            payload["target_modules"] = sorted(payload["target_modules"])
+        read = QMissConfig.from_peft_dict(payload, source=type(config).__name__)
+        return dataclasses.replace(read, bits=AUTO, exclude_modules=payload.get("exclude_modules"))
+    raise TypeError(f"prepare_qmiss(model, {config!r}): the second argument is a qmiss.QMissConfig (or PEFT's "
+                    "MissConfig); give settings by name, e.g. prepare_qmiss(model, r=64, bits=4)")
+
+
 def _warn_unreachable(model: nn.Module, targets: list[str]) -> None:
     """Name the matmul weights left in 16-bit and frozen because no qmiss layer can hold them, with their share."""
     left = unreachable_weights(model)
@@ -234,7 +255,7 @@ def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **sett
         settings["mode"] = from_alias
     if settings.get("mode", "") is None:
         settings.pop("mode")
-    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config is not None else {}
+    given = dataclasses.asdict(_as_qmiss_config(config)) if config is not None else {}
     config = QMissConfig.from_settings({**given, **settings})
     bits = config.bits
     if config.base_model_name_or_path is None:

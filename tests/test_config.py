@@ -61,7 +61,11 @@ def test_the_planner_reads_the_same_settings() -> None:
     assert plain.settings["compute_dtype"] == str(planner["compute_dtype"]).removeprefix("torch.")
     assert plain.settings["r"] == DEFAULTS.r and plain.settings["chunked_loss"] is DEFAULTS.chunked_loss
     settings = QMissConfig(r=16, mode="bat", compute_dtype=torch.bfloat16, gradient_checkpointing=True)
-    assert plan_memory(config, settings).items == plan_memory(config, r=16, mode="bat").items
+    assert plan_memory(config, settings=settings).items == plan_memory(config, r=16, mode="bat").items
+    with pytest.raises(TypeError):  # the second argument was bits once: refused, not misread
+        plan_memory(config, None)
+    with pytest.raises(TypeError, match="pass a qmiss.QMissConfig"):
+        plan_memory(config, settings={"r": 16})
     parser_defaults = {a.dest: a.default for a in cli.plan_parser()._actions}
     assert parser_defaults["r"] == DEFAULTS.r and parser_defaults["mode"] == DEFAULTS.mode
     assert parser_defaults["loss_chunk_mib"] * 2**20 == DEFAULTS.loss_chunk_bytes
@@ -85,3 +89,16 @@ def test_the_shape_rule_is_the_layers(n_in, n_out, r, mode, mini_r, problem) -> 
         base = torch.nn.Linear(n_in, n_out)
         layer = qmiss.MissLinear(base, r=r, mode=mode, mini_r=mini_r)
         assert tuple(layer.miss_block.shape) == adapter_shape(n_out, r, mode, mini_r)
+
+
+def test_the_second_argument_is_a_config_and_nothing_else() -> None:
+    with pytest.raises(TypeError, match=r"the second argument is a qmiss.QMissConfig .* prepare_qmiss\(model, r=64"):
+        qmiss.prepare_qmiss(tiny_llama(), 64)
+
+
+def test_peft_miss_config_is_read_as_its_adapter_folder_would_be() -> None:
+    peft = pytest.importorskip("peft")
+    model = qmiss.prepare_qmiss(tiny_llama(), peft.MissConfig(r=16, init_weights="bat", target_modules=["q_proj"]))
+    config = model.qmiss_config
+    assert (config.r, config.mode, config.bits, config.target_modules) == (16, "bat", 4, ["q_proj"])
+    assert [name.split(".")[-1] for name, _ in qmiss.miss_layers(model)] == ["q_proj", "q_proj"]
