@@ -218,13 +218,20 @@ class MissLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:  # merged: the base weight already holds the adapter
-            return self.base_layer(x)
+            return self._base(x)
         if self.mode == "bat":
             return self.adapter(lambda block: self._forward_bat(x, block))
-        y = self.base_layer(x)
+        y = self._base(x)
         xs = ops.shard_sum(self.dropout(x.to(self.compute_dtype)), self.r)
         update = self.adapter(lambda block: xs @ self._adapter_weight(block).to(self.compute_dtype))  # (..., r) @ (r, out)
         return y + update.to(y.dtype)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output. bitsandbytes' 8-bit matmul flattens 3-D inputs only (MatMul8bitLt), so a
+        4-D one (DeepSeek-V3's kv_b_proj input) goes in as 2-D and comes back in its own shape."""
+        if x.dim() > 3 and self.bits == 8:
+            return self.base_layer(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        return self.base_layer(x)
 
     def _forward_bat(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qmiss
 from qmiss import MissLinear, quant
 from tests.helpers import make_base
 from tests.helpers import MODES, randomize, ref_bat_delta, reference
@@ -169,3 +170,20 @@ def test_bat_saves_no_weight_for_backward(bits: int) -> None:
     assert foreign >= x.numel() * x.element_size()  # the hook did see what bat saves
     y.sum().backward()
     assert layer.miss_block.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_8bit_layer_takes_4d_inputs(mode: str, training: bool) -> None:
+    """DeepSeek-V3 feeds kv_b_proj a (batch, 1, seq, rank) input; bitsandbytes' 8-bit matmul flattens 3-D
+    inputs only, and its eval path failed on 4-D ones ("size of tensor a must match")."""
+    torch.manual_seed(0)
+    layer = MissLinear(make_base(8, 64, 48), r=16, mode=mode).train(training)
+    x = torch.randn(2, 1, 5, 64)
+    with torch.no_grad():
+        y = layer(x)
+        flat = layer(x.reshape(10, 64))
+        with qmiss.disable_adapter(layer):
+            base = layer(x)
+    assert y.shape == (2, 1, 5, 48) and torch.equal(y.reshape(10, 48), flat)
+    assert base.shape == (2, 1, 5, 48)

@@ -303,3 +303,24 @@ def test_falcon_trains_in_bat_mode() -> None:
     ids = torch.randint(0, 128, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_deepseek_v3_in_8bit_evaluates() -> None:
+    """DeepSeek-V3's attention feeds kv_b_proj a 4-D input, which bitsandbytes' 8-bit eval path could not take."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.warns(UserWarning, match="experts"):
+        qmiss.prepare_qmiss(model, r=16, bits=8)
+    ids = torch.randint(0, 128, (2, 8))
+    train_loss = model(input_ids=ids, labels=ids).loss
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(eval_loss) and abs(float(eval_loss) - float(train_loss)) < 0.05
