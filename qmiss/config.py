@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import difflib
+import re
 from dataclasses import dataclass, fields
 from typing import Literal, Optional, Union
 
@@ -135,10 +136,40 @@ def _check_qmiss_section(extra: dict, where: str, mode: str, peft_mode_source: s
     dtype_name = extra.get("compute_dtype")
     if dtype_name is not None and (not isinstance(dtype_name, str) or dtype_name not in _DTYPE_NAMES):
         raise ValueError(f"{where}compute_dtype={dtype_name!r} must be float32, bfloat16, float16 or null")
+    if extra.get("rank_pattern") is not None:
+        try:
+            _check_rank_pattern(extra["rank_pattern"])
+        except InputError as exc:
+            raise ValueError(f"{where}{exc}") from exc
     modules = extra.get("modules")
     if (modules is not None or required) and not (isinstance(modules, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(_is_size(n) for n in v) for v in modules.values())):
         raise ValueError(f"{where}modules must map module names to [in_features, out_features] (positive ints)")
+
+
+def pattern_key(patterns: dict[str, object], name: str) -> Optional[str]:
+    """The first key of ``patterns`` that matches the end of ``name`` on a name boundary, as PEFT's
+    ``get_pattern_key`` matches ``rank_pattern`` (``re.match(rf"(.*\.)?({key})$", name)``); None if none does."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def _check_rank_pattern(rank_pattern: object) -> None:
+    """A ``{regex: r}`` dict with valid regexes and positive int ranks, or None."""
+    name = spelled("rank_pattern")
+    if rank_pattern is None:
+        return
+    if not isinstance(rank_pattern, dict) or not rank_pattern:
+        raise InputError(f"{name}={rank_pattern!r} must be a non-empty dict of module-name regex -> r, "
+                         'e.g. {"experts": 16}, or None')
+    for key, rank in rank_pattern.items():
+        if not isinstance(key, str):
+            raise InputError(f"{name}: key {key!r} must be a string (a regex matching the end of module names)")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise InputError(f"{name}: key {key!r} is not a valid regex ({exc}); escape special characters") from exc
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise InputError(f"{name}[{key!r}]={rank!r} must be a positive int, e.g. 16")
 
 
 def init_weights_from_mode(mode: str) -> Union[bool, str]:
@@ -162,6 +193,8 @@ class QMissConfig:
 
     # --- the adapter ---------------------------------------------------------------------------------------------
     r: int = 64  # shard size along in_features; the adapter rank
+    rank_pattern: Optional[dict[str, int]] = None  # per-module r, PEFT's LoraConfig spelling: {regex: r}, the
+    #   first key matching the end of a module's path wins (e.g. {"experts": 16}); others take r
     mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"; PEFT's init_weights=True/"mini"/"bat"
     mini_r: Optional[int] = None  # mini: width of the tiled adapter along out_features
     bits: Union[int, str, None] = AUTO  # 4 or 8 (bitsandbytes), None/16: unquantized; "auto": as loaded, else 4
@@ -191,6 +224,7 @@ class QMissConfig:
             raise TypeError(f"{r}={self.r!r} must be an int, e.g. {r}=64")
         if self.r <= 0:
             raise InputError(f"{r}={self.r} must be a positive int, e.g. {r}=64")
+        _check_rank_pattern(self.rank_pattern)
         if self.mode not in MODES:
             raise InputError(f"{mode}={self.mode!r} is not one of {MODES}; PEFT's init_weights=True/'mini'/'bat' "
                              "also work")
@@ -238,6 +272,12 @@ class QMissConfig:
             raise TypeError(f"{where}() got an unexpected setting {unknown[0]!r}{hint}")
         return cls(**settings)
 
+    def rank_for(self, name: str) -> int:
+        """The r of the module (or expert parameter) at ``name``: :attr:`rank_pattern`'s first key that matches the
+        end of the path on a name boundary (PEFT's ``get_pattern_key`` rule), else :attr:`r`."""
+        key = pattern_key(self.rank_pattern or {}, name)
+        return self.rank_pattern[key] if key is not None else self.r
+
     @property
     def init_weights(self) -> Union[bool, str]:
         """PEFT's spelling of :attr:`mode`."""
@@ -282,6 +322,7 @@ class QMissConfig:
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch.") if self.compute_dtype else None,
+            "rank_pattern": dict(self.rank_pattern) if self.rank_pattern else None,
             "modules": {name: [int(n_in), int(n_out)] for name, (n_in, n_out) in sorted(modules.items())},
         }
 
@@ -351,6 +392,7 @@ class QMissConfig:
                 dropout=float(dropout),
                 compute_dtype=compute_dtype,
                 base_model_name_or_path=base if isinstance(base, str) else None,
+                rank_pattern=extra.get("rank_pattern"),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: {exc}") from exc

@@ -60,44 +60,23 @@ class MissBlock(nn.Module):
         return f"shape={tuple(self.weight.shape)}"
 
 
-class MissLinear(nn.Module):
-    """Wraps a ``nn.Linear`` or a bitsandbytes 4/8-bit linear with a MiSS adapter.
+class MissAdapter(nn.Module):
+    """What every qmiss adapter layer shares: a frozen (quantized) base, one trainable :class:`MissBlock`, the
+    checks of r / mode / mini_r against the base's shape, and the compute dtype that follows the device.
 
-    Args:
-        base_layer: the frozen layer; it is held, never copied or subclassed.
-        r: shard size along in_features.
-        mode: "default", "mini" or "bat".
-        mini_r: mini: adapter width along out_features.
-        dropout: dropout probability on the adapter's input (default/mini).
-        compute_dtype: dtype of the base matmul (4-bit), the adapter math and bat's dequantized
-            weight; None follows the device the layer is on (:func:`qmiss.config.default_compute_dtype`:
-            bf16 on CUDA, fp32 on the CPU), also after the layer is moved.
-        bat_chunk_bytes: bat: byte budget of one dequantized chunk of rows.
-        name: the module's path in its model, used in error messages.
+    Two kinds: :class:`MissLinear` (one linear) and :class:`MissExperts` (the fused projection of a
+    mixture-of-experts block, one adapter per expert, ``experts`` of them stacked in the block's first dim).
 
     Raises:
         ValueError: r out of range, bat with in or out not divisible by r, mini with out % mini_r != 0,
             fp64 compute on a 4/8-bit base.
         TypeError: a compute dtype that is not a floating-point dtype.
-
-    Attributes:
-        miss_block: the trainable adapter, zeros at init; (r, out) default,
-            (r, mini_r) mini, (out/r, r, r) bat. Kept in fp32 (the optimizer's master copy).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int,
-        mode: str = "default",
-        mini_r: int | None = None,
-        dropout: float = 0.0,
-        compute_dtype: torch.dtype | None = None,
-        bat_chunk_bytes: int = 64 * 2**20,
-        name: str = "",
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, n_in: int, n_out: int, experts: int | None, r: int, mode: str,
+                 mini_r: int | None, dropout: float, compute_dtype: torch.dtype | None, bat_chunk_bytes: int,
+                 name: str) -> None:
         super().__init__()
-        n_in, n_out = quant.in_out_features(base_layer)
         where = name or type(base_layer).__name__
         if mode not in MODES:
             raise ValueError(f"{where}: mode={mode!r} is not one of {MODES}")
@@ -121,7 +100,8 @@ class MissLinear(nn.Module):
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = next(base_layer.parameters()).device
-        self.adapter = MissBlock(adapter_shape(n_out, r, mode, mini_r), device)
+        shape = adapter_shape(n_out, r, mode, mini_r)
+        self.adapter = MissBlock(shape if experts is None else (experts, *shape), device)
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
         self.merged = False  # True once the adapter is folded into an unquantized base weight
         self._follow_device()
@@ -152,6 +132,67 @@ class MissLinear(nn.Module):
         """4, 8, or None for an unquantized base."""
         return quant.quant_bits(self.base_layer)
 
+    def _adapter_weight(self, block: torch.Tensor) -> torch.Tensor:
+        """One (linear's or expert's) adapter as the default-mode D (r, out): mini's block tiled along out."""
+        if self.mode == "bat":
+            raise ValueError(f"{self.name}: bat has no additive adapter D; use delta_weight()")
+        return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
+
+    def _merged(self, weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """W + ΔW for one fp32 weight W (out, in) and its adapter block, in fp32 (``weight`` is consumed)."""
+        if self.mode == "bat":
+            return ops.bat_weight(weight, block)
+        return weight.add_(ops.miss_delta_weight(self._adapter_weight(block), self.in_features))
+
+    def _unmerged(self, merged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """W from W + ΔW (bat: W = (W' − B)(I + B)⁻¹, inverse in fp32)."""
+        if self.mode == "bat":
+            return ops.bat_unmerge(merged, block)
+        return merged - ops.miss_delta_weight(self._adapter_weight(block), self.in_features)
+
+    def extra_repr(self) -> str:
+        mini = f", mini_r={self.mini_r}" if self.mode == "mini" else ""
+        return f"r={self.r}, mode={self.mode!r}{mini}, bits={self.bits}, compute_dtype={self.compute_dtype}"
+
+
+class MissLinear(MissAdapter):
+    """Wraps a ``nn.Linear`` or a bitsandbytes 4/8-bit linear with a MiSS adapter.
+
+    Args:
+        base_layer: the frozen layer; it is held, never copied or subclassed.
+        r: shard size along in_features.
+        mode: "default", "mini" or "bat".
+        mini_r: mini: adapter width along out_features.
+        dropout: dropout probability on the adapter's input (default/mini).
+        compute_dtype: dtype of the base matmul (4-bit), the adapter math and bat's dequantized
+            weight; None follows the device the layer is on (:func:`qmiss.config.default_compute_dtype`:
+            bf16 on CUDA, fp32 on the CPU), also after the layer is moved.
+        bat_chunk_bytes: bat: byte budget of one dequantized chunk of rows.
+        name: the module's path in its model, used in error messages.
+
+    Raises:
+        see :class:`MissAdapter`.
+
+    Attributes:
+        miss_block: the trainable adapter, zeros at init; (r, out) default,
+            (r, mini_r) mini, (out/r, r, r) bat. Kept in fp32 (the optimizer's master copy).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        mode: str = "default",
+        mini_r: int | None = None,
+        dropout: float = 0.0,
+        compute_dtype: torch.dtype | None = None,
+        bat_chunk_bytes: int = 64 * 2**20,
+        name: str = "",
+    ) -> None:
+        n_in, n_out = quant.in_out_features(base_layer)
+        super().__init__(base_layer, n_in, n_out, None, r, mode, mini_r, dropout, compute_dtype, bat_chunk_bytes,
+                         name)
+
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
@@ -164,11 +205,6 @@ class MissLinear(nn.Module):
         """
         return self._adapter_weight(self.miss_block)
 
-    def _adapter_weight(self, block: torch.Tensor) -> torch.Tensor:
-        if self.mode == "bat":
-            raise ValueError(f"{self.name}: bat has no additive adapter D; use delta_weight()")
-        return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
-
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW (out, in) that the adapter adds to the (dequantized) base weight, in ``dtype``, detached."""
         if self.mode == "bat":
@@ -179,10 +215,7 @@ class MissLinear(nn.Module):
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dequantize(W) + ΔW (bat: W(I + B) + B blockwise), computed in fp32, returned in ``dtype``."""
         weight = quant.dequantize(self.base_layer, torch.float32)
-        block = self.miss_block.detach().float()
-        if self.mode == "bat":
-            return ops.bat_weight(weight, block).to(dtype)
-        return weight.add_(self.delta_weight(torch.float32)).to(dtype)
+        return self._merged(weight, self.miss_block.detach().float()).to(dtype)
 
     def merge(self) -> None:
         """Fold the adapter into an unquantized base weight, in place; merging twice is merging once.
@@ -208,12 +241,7 @@ class MissLinear(nn.Module):
             return
         weight = self.base_layer.weight
         with torch.no_grad():
-            merged, block = weight.float(), self.miss_block.detach().float()
-            if self.mode == "bat":
-                restored = ops.bat_unmerge(merged, block)
-            else:
-                restored = merged - self.delta_weight(torch.float32)
-            weight.copy_(restored.to(weight.dtype))
+            weight.copy_(self._unmerged(weight.float(), self.miss_block.detach().float()).to(weight.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,6 +276,104 @@ class MissLinear(nn.Module):
         y = ops.bat_linear(x.to(dtype), block.to(dtype), bias, rows, self.out_features, chunk)
         return y.to(x.dtype)
 
+
+class MissExperts(MissAdapter):
+    """One fused projection of a mixture-of-experts block, quantized, with a MiSS adapter per expert.
+
+    transformers (5.x) stores a block's routed experts as 3-D parameters of an ``…Experts`` module
+    (``gate_up_proj`` / ``up_proj`` and ``down_proj``, (E, out, in), or (E, in, out) where
+    ``is_transposed``). A MissExperts takes such a parameter's place under the same name: its base is
+    :func:`qmiss.quant.quantize_experts`' stacked layer, its adapter one block per expert, stacked —
+    (E, r, out) default, (E, r, mini_r) mini, (E, out/r, r, r) bat. The experts module's forward is
+    qmiss's experts implementation (:mod:`qmiss.experts`), which sorts the tokens by expert and calls
+    this module once per projection.
+
+    Each expert runs :class:`qmiss.ops.BatLinear` on its own tokens: its weight is dequantized chunk by
+    chunk while they are processed, again in backward, and never kept (bat with the expert's B; default
+    and mini with no block, plus the adapter term). So a step holds one expert's chunk at a time, never
+    the dequantized experts.
+
+    Args:
+        base_layer: the stacked experts (:func:`qmiss.quant.quantize_experts`), frozen.
+        experts: E.
+        transposed: the layout the parameter had (kept for the 16-bit export).
+        weight_dtype: the dtype it had (the same).
+        Others as :class:`MissLinear`; r, mode and mini_r are checked against one expert's (in, out).
+    """
+
+    def __init__(self, base_layer: nn.Module, experts: int, r: int, mode: str = "default", mini_r: int | None = None,
+                 dropout: float = 0.0, compute_dtype: torch.dtype | None = None, bat_chunk_bytes: int = 64 * 2**20,
+                 name: str = "", transposed: bool = False, weight_dtype: torch.dtype = torch.float32) -> None:
+        n_in, stacked = quant.in_out_features(base_layer)
+        super().__init__(base_layer, n_in, stacked // experts, experts, r, mode, mini_r, dropout, compute_dtype,
+                         bat_chunk_bytes, name)
+        self.experts, self.transposed, self.weight_dtype = experts, transposed, weight_dtype
+
+    def expert_rows(self, expert: int, dtype: torch.dtype) -> ops.RowDequantizer:
+        """``rows(a, b)``: rows a..b of one expert's (out, in) base weight, dequantized in ``dtype``."""
+        rows, first = quant.row_dequantizer(self.base_layer, dtype, flat=True), expert * self.out_features
+        return lambda a, b: rows(first + a, first + b)
+
+    def base_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One expert's whole (out, in) base weight in ``dtype``."""
+        return self.expert_rows(expert, dtype)(0, self.out_features)
+
+    def merged_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One expert's dequantize(W) + ΔW (out, in), computed in fp32, returned in ``dtype``."""
+        return self._merged(self.base_weight(expert), self.miss_block[expert].detach().float()).to(dtype)
+
+    def merge(self) -> None:
+        """Fold each expert's adapter into an unquantized base, in place (see :meth:`MissLinear.merge`)."""
+        if not self.merged:
+            self._fold(self.merged_weight)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self._fold(lambda e, dtype: self._unmerged(self.base_weight(e), self.miss_block[e].detach().float()).to(dtype))
+
+    def _fold(self, weight_of) -> None:  # noqa: ANN001 — (expert, dtype) -> (out, in)
+        if self.bits is not None:
+            raise ValueError(
+                f"{self.name}: merging into {self.bits}-bit experts re-quantizes them and loses the adapter's "
+                "precision; use qmiss.merge_and_unload(model) or qmiss.export_merged(model, dir) for an exact 16-bit model"
+            )
+        weight, n = self.base_layer.weight, self.out_features
+        with torch.no_grad():
+            for e in range(self.experts):
+                weight[e * n : (e + 1) * n] = weight_of(e, weight.dtype)
+        self.merged = not self.merged
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(S, in) tokens sorted by expert, ``counts[e]`` of them for expert e -> (S, out)."""
+        if sum(counts) != x.shape[0]:
+            raise ValueError(f"{self.name}: {x.shape[0]} tokens, but the counts per expert add up to {sum(counts)}")
+        if self.merged or self.disabled:
+            return self._experts(x, counts, None)
+        return self.adapter(lambda block: self._experts(x, counts, block))
+
+    def _experts(self, x: torch.Tensor, counts: list[int], block: torch.Tensor | None) -> torch.Tensor:
+        dtype = self.compute_dtype
+        x = x.to(dtype)
+        unit = self.r if self.mode == "bat" else 1
+        chunk = ops.chunk_rows(self.out_features, self.in_features, unit,
+                               quant.expert_row_alignment(self.in_features, self.bits), self.bat_chunk_bytes,
+                               torch.finfo(dtype).bits // 8)
+        outputs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe, start = x[start : start + n], start + n
+            rows = self.expert_rows(e, dtype)
+            if block is not None and self.mode == "bat":
+                outputs.append(ops.bat_linear(xe, block[e].to(dtype), None, rows, self.out_features, chunk))
+                continue
+            y = ops.bat_linear(xe, None, None, rows, self.out_features, chunk)
+            if block is not None:
+                xs = ops.shard_sum(self.dropout(xe), self.r)
+                y = y + xs @ self._adapter_weight(block[e]).to(dtype)  # (n, r) @ (r, out)
+            outputs.append(y)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.out_features)
+
     def extra_repr(self) -> str:
-        mini = f", mini_r={self.mini_r}" if self.mode == "mini" else ""
-        return f"r={self.r}, mode={self.mode!r}{mini}, bits={self.bits}, compute_dtype={self.compute_dtype}"
+        return f"experts={self.experts}, in={self.in_features}, out={self.out_features}, {super().extra_repr()}"

@@ -15,9 +15,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qmiss import quant
-from qmiss.config import QMissConfig
+from qmiss.config import QMissConfig, pattern_key
+from qmiss.experts import IMPLEMENTATION, expert_params, is_experts_module
 from qmiss.inputs import InputError, few, spelled
-from qmiss.layer import MissBlock, MissLinear, shape_problem
+from qmiss.layer import MissAdapter, MissBlock, MissExperts, MissLinear, shape_problem
 
 
 def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
@@ -66,8 +67,27 @@ def unreachable_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
+def experts_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
+    """(experts, in_features, out_features) of one fused expert parameter (``is_transposed``: stored (E, in, out))."""
+    n_experts, a, b = getattr(module, param).shape
+    return (n_experts, a, b) if module.is_transposed else (n_experts, b, a)
+
+
+def target_shape(modules: dict[str, nn.Module], name: str) -> tuple[int, int, Optional[int]]:
+    """(in_features, out_features, experts) of a target: a linear (experts None) or a fused expert parameter
+    (``<experts module>.<parameter>``, per expert)."""
+    if name in modules:
+        return (*quant.in_out_features(modules[name]), None)
+    parent, _, param = name.rpartition(".")
+    n_experts, n_in, n_out = experts_shape(modules[parent], param)
+    return n_in, n_out, n_experts
+
+
 def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
-    """Names of the linear layers ``config`` selects, in model order.
+    """Names of the linear layers and fused expert parameters ``config`` selects, in model order.
+
+    A fused expert parameter (``model.layers.0.mlp.experts.gate_up_proj``) is named by its path, as PEFT's
+    ``target_parameters`` names it; "all-linear" selects every one of them, routers and gates never.
 
     Raises:
         TypeError: a selected layer is a transformers Conv1D (GPT-2 style) layer.
@@ -75,17 +95,23 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
     """
     linear_names, conv_names, targets = [], [], []
     skip = output_layer_names(model)
+
+    def select(name: str, default: bool) -> None:
+        selected = default if config.target_modules == "all-linear" else _matches(name, config.target_modules)
+        if selected and not _matches(name, config.exclude_modules):
+            targets.append(name)
+
     for name, module in model.named_modules():
+        if is_experts_module(module) and not isinstance(module, MissExperts):
+            for param in expert_params(module):
+                if isinstance(getattr(module, param), nn.Parameter):
+                    select(f"{name}.{param}", True)
+            continue
         is_conv = isinstance(module, Conv1D)
         if not (quant.is_linear(module) or is_conv):
             continue
         (conv_names if is_conv else linear_names).append(name)
-        if config.target_modules == "all-linear":
-            selected = name not in skip and not is_router(name)
-        else:
-            selected = _matches(name, config.target_modules)
-        if selected and not _matches(name, config.exclude_modules):
-            targets.append(name)
+        select(name, name not in skip and not is_router(name))
     bad_conv = [n for n in targets if n in conv_names]
     if bad_conv:
         raise TypeError(
@@ -97,34 +123,48 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
             f"{spelled('target_modules')}={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
             f"matches no linear layer; the model's {len(linear_names)} linear layers are: {few(linear_names) or '(none)'}"
         )
+    unused = [key for key in config.rank_pattern or {} if not any(pattern_key({key: 0}, n) for n in targets)]
+    if unused:
+        raise InputError(
+            f"{spelled('rank_pattern')} key {unused[0]!r} matches none of the {len(targets)} target modules "
+            f"({few(targets)}); a key is a regex matched against the end of a module's path, e.g. 'experts' or "
+            "'self_attn\\.q_proj'"
+        )
     return targets
 
 
 def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> None:
-    """Validate r / mini_r against every target at once: the first offenders and how many there are.
+    """Validate r / mini_r (and ``rank_pattern``'s ranks) against every target at once: the first offenders and
+    how many there are.
 
     Raises:
         InputError: r exceeds a target's in_features, or (bat) r does not divide its shape, or
-            (mini) mini_r does not divide its out_features.
+            (mini) mini_r does not divide its out_features, or a 4-bit expert's in × out is not a multiple
+            of the 4-bit block size.
     """
     modules = dict(model.named_modules())
     r, mini_r, mode = spelled("r"), spelled("mini_r"), spelled("mode")
-    problems = []
+    problems, smallest = [], None
     for name in targets:
-        n_in, n_out = quant.in_out_features(modules[name])
-        problem = shape_problem(n_in, n_out, config.r, config.mode, config.mini_r)  # the layer's rule
+        n_in, n_out, n_experts = target_shape(modules, name)
+        rank = config.rank_for(name)
+        r_is = f"{r}={rank}" if rank == config.r else f"r={rank} (from {spelled('rank_pattern')})"
+        smallest = n_in if smallest is None else min(smallest, n_in)
+        problem = shape_problem(n_in, n_out, rank, config.mode, config.mini_r)  # the layer's rule
         if problem == "r":
-            problems.append(f"{name}: {r}={config.r} > in_features={n_in}")
+            problems.append(f"{name}: {r_is} > in_features={n_in}")
         elif problem == "bat":
-            problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by {r}={config.r}")
+            problems.append(f"{name}: in_features={n_in}, out_features={n_out} not divisible by {r_is}")
         elif problem == "mini":
             problems.append(f"{name}: out_features={n_out} is not divisible by {mini_r}={config.mini_r}")
+        elif n_experts and config.bits in (4, "auto") and (n_in * n_out) % quant.BLOCKSIZE:
+            problems.append(f"{name}: 4-bit experts need in_features × out_features divisible by {quant.BLOCKSIZE} "
+                            f"(the 4-bit block), got {n_in} × {n_out}")
     if problems:
         hint = {
             "bat": f"bat needs r×r blocks: use {mode}='default', an {r} dividing every shape, or exclude these modules",
             "mini": f"pick a {mini_r} dividing every target's out_features, or exclude these modules",
-            "default": f"pick a smaller {r} (at most {min(quant.in_out_features(modules[n])[0] for n in targets)}), "
-                       "or exclude these modules",
+            "default": f"pick a smaller {r} (at most {smallest}), or exclude these modules",
         }[config.mode]
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise InputError(f"{len(problems)} of {len(targets)} target layers do not fit: {shown} — {hint}")
@@ -142,10 +182,11 @@ def check_targets(model: nn.Module, config: QMissConfig) -> list[str]:
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLinear]]:
-    """(name, layer) for every MissLinear in ``model``; names as in the unwrapped model."""
+def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissAdapter]]:
+    """(name, layer) for every adapter layer in ``model`` (:class:`MissLinear` and :class:`MissExperts`);
+    names as in the unwrapped model."""
     for name, module in model.named_modules():
-        if isinstance(module, MissLinear):
+        if isinstance(module, MissAdapter):
             for prefix in WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
             yield name, module
@@ -154,18 +195,34 @@ def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLinear]]:
 def wrap_targets(model: nn.Module, targets: list[str], config: QMissConfig,
                  storage: Optional[torch.dtype] = None) -> None:
     """Replace each target by a :class:`MissLinear` around it, quantizing a full-precision one first
-    (``config.bits``; 4-bit stored as ``storage``, else packed uint8), one layer at a time."""
+    (``config.bits``; 4-bit stored as ``storage``, else packed uint8), one layer at a time; a fused expert
+    parameter by a :class:`MissExperts` under its name, and its experts module switched to qmiss's experts
+    implementation (:mod:`qmiss.experts`)."""
     modules = dict(model.named_modules())
+    settings = dict(mode=config.mode, mini_r=config.mini_r, dropout=config.dropout,
+                    compute_dtype=config.compute_dtype, bat_chunk_bytes=config.bat_chunk_bytes)
+    quantized = dict(quant_type=config.quant_type, double_quant=config.double_quant,
+                     compute_dtype=config.compute_dtype, quant_storage=storage or torch.uint8)
     for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if name not in modules:  # a fused expert parameter
+            weight = getattr(parent, child)
+            bits = config.bits if config.bits != 16 else None
+            base = quant.quantize_experts(weight, parent.is_transposed, bits, **quantized).requires_grad_(False)
+            layer = MissExperts(base, weight.shape[0], r=config.rank_for(name), name=name,
+                                transposed=parent.is_transposed, weight_dtype=weight.dtype, **settings)
+            del weight
+            delattr(parent, child)  # the 16-bit parameter goes; the module takes its name
+            parent.config._experts_implementation = IMPLEMENTATION
+            setattr(parent, child, layer)
+            continue
         base = modules[name]
         if config.bits is not None and quant.quant_bits(base) is None:
-            base = quant.quantize_linear(base, config.bits, config.quant_type, config.double_quant,
-                                         config.compute_dtype, quant_storage=storage or torch.uint8)
+            base = quant.quantize_linear(base, config.bits, **quantized)
         base.requires_grad_(False)
-        layer = MissLinear(base, r=config.r, mode=config.mode, mini_r=config.mini_r, dropout=config.dropout,
-                           compute_dtype=config.compute_dtype, bat_chunk_bytes=config.bat_chunk_bytes, name=name)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
+        layer = MissLinear(base, r=config.rank_for(name), name=name, **settings)
+        setattr(parent, child, layer)
         del modules[name]  # drop our reference so the full-precision weight can be freed
 
 

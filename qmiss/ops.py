@@ -179,8 +179,20 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Op
         acc.addmm_(a[:, s : s + step].float(), b[s : s + step].float())
 
 
+def _chunk_weight(weight: torch.Tensor, block: Optional[torch.Tensor], a: int, b: int,
+                  buffer: torch.Tensor) -> torch.Tensor:
+    """Rows a..b of W' = bat(W, B), built in ``buffer``; W itself when there is no block."""
+    if block is None:
+        return weight
+    r = block.shape[-1]
+    return bat_weight(weight, block[a // r : b // r], out=buffer)
+
+
 class BatLinear(torch.autograd.Function):
     """y = x W'ᵀ + b with W' = bat(W, B), keeping no dequantized weight for backward.
+
+    With ``block=None`` it is the plain y = x Wᵀ + b on a weight known only through ``rows``
+    (a mixture-of-experts base weight, :class:`qmiss.layer.MissExperts`), with the same economy.
 
     Forward and backward rebuild W' one chunk of output rows at a time from the
     packed base weight (through ``rows``), so the transient peak is one chunk and
@@ -202,7 +214,6 @@ class BatLinear(torch.autograd.Function):
         out_features: int,
         chunk: int,
     ) -> torch.Tensor:
-        r = block.shape[-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         # the output is a tensor of its own, written through a 2-D view: a view returned from a Function could
         # not be modified in place afterwards (Falcon adds to a projection's output in place)
@@ -213,7 +224,7 @@ class BatLinear(torch.autograd.Function):
             buffer = x2.new_empty(min(chunk, out_features), x2.shape[1])
             for a in range(0, out_features, chunk):
                 b = min(a + chunk, out_features)
-                w = bat_weight(rows(a, b), block[a // r : b // r], out=buffer)  # (b - a, in)
+                w = _chunk_weight(rows(a, b), block, a, b, buffer)  # (b - a, in)
                 torch.mm(x2, w.t(), out=y[:, a:b])  # written in place: a strided slice is a valid BLAS output
             del w, buffer
             if bias is not None:
@@ -225,7 +236,6 @@ class BatLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):
         x, block = ctx.saved_tensors
-        r = block.shape[-1]
         out_features = grad_out.shape[-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         g2 = grad_out.reshape(-1, out_features).to(x.dtype)  # (N, out)
@@ -244,13 +254,14 @@ class BatLinear(torch.autograd.Function):
                 w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
                 g = g2[:, a:b]  # (N, b - a)
                 if need_x:
-                    w_new = bat_weight(w, block[a // r : b // r], out=buffer)  # W'_c
+                    w_new = _chunk_weight(w, block, a, b, buffer)  # W'_c
                     if wide:
                         _addmm_fp32(grad_x, g, w_new, scratch)
                     else:
                         grad_x.addmm_(g, w_new)
                 if need_block:
                     grad_w = torch.mm(g.t(), x2, out=buffer[: b - a])  # G_c = g_cᵀ x, (b - a, in)
+                    r = block.shape[-1]
                     grad_block[a // r : b // r] = bat_block_grad(w, grad_w, r)
                 del w
             del buffer, scratch
@@ -261,13 +272,13 @@ class BatLinear(torch.autograd.Function):
 
 def bat_linear(
     x: torch.Tensor,
-    block: torch.Tensor,
+    block: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     rows: RowDequantizer,
     out_features: int,
     chunk: int,
 ) -> torch.Tensor:
-    """Functional form of :class:`BatLinear`; all tensors in one dtype.
+    """Functional form of :class:`BatLinear`; all tensors in one dtype (``block=None``: the base alone).
 
     Args:
         x: (..., in).

@@ -73,7 +73,7 @@ def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, No
         ValueError: ``bits`` contradicts how the model was loaded.
     """
     modules = dict(model.named_modules())
-    loaded = {quant.quant_bits(modules[n]) for n in targets if quant.quant_bits(modules[n]) is not None}
+    loaded = {quant.quant_bits(modules[n]) for n in targets if n in modules} - {None}  # experts are never loaded quantized
     if len(loaded) > 1:
         raise ValueError(f"the model mixes 4-bit and 8-bit target layers ({sorted(loaded)}); qmiss wraps one kind")
     if not loaded:
@@ -96,7 +96,7 @@ def _resolve_storage(
         ValueError: quant_storage without 4-bit, not a float dtype, or contradicting the loaded layers.
     """
     modules = dict(model.named_modules())
-    loaded = {quant.storage_dtype(modules[n]) for n in targets} - {None}
+    loaded = {quant.storage_dtype(modules[n]) for n in targets if n in modules} - {None}
     if quant_storage is None:
         floating = {d for d in loaded if d.is_floating_point}
         return floating.pop() if len(floating) == 1 else None
@@ -201,7 +201,8 @@ def _warn_unreachable(model: nn.Module, targets: list[str]) -> None:
     warnings.warn(
         f"prepare_qmiss: {len(left)} matmul weight(s) are not linears qmiss can quantize or adapt, so they stay "
         f"unquantized and frozen — {few(sorted(left))}: {share:.0%} of the model's matmul weights (fused "
-        "mixture-of-experts experts are not supported yet); the model will be larger and train less than planned",
+        "experts of a module transformers does not route through its experts interface, such as DBRX's, JetMoE's "
+        "and Llama 4's, or experts excluded from the targets); the model will be larger and train less than planned",
         stacklevel=3,
     )
 
@@ -266,7 +267,7 @@ def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **sett
     storage = _resolve_storage(model, targets, config.bits, config.quant_storage)
     if config.compute_dtype is None:
         modules = dict(model.named_modules())
-        config.compute_dtype = _loaded_compute_dtype([modules[n] for n in targets])
+        config.compute_dtype = _loaded_compute_dtype([modules[n] for n in targets if n in modules])
 
     model.requires_grad_(False)
     for module in model.modules():  # untargeted 4-bit layers too: eval must see the weights training saw

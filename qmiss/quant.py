@@ -180,6 +180,83 @@ def quantize_linear(
     return layer
 
 
+def quantize_experts(
+    weight: torch.Tensor,
+    transposed: bool,
+    bits: Optional[int],
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+    quant_storage: torch.dtype = torch.uint8,
+) -> nn.Module:
+    """A linear layer holding every expert's (out, in) weight, stacked as rows: expert e is rows e·out … (e+1)·out.
+
+    transformers fuses a mixture-of-experts projection into one (E, out, in) parameter, or (E, in, out) when
+    ``transposed`` (gpt-oss). It is quantized one expert at a time (a transposed expert is made contiguous alone),
+    so at most one expert's 16-bit copy is made. The result is an ordinary bitsandbytes layer of in_features=in,
+    out_features=E·out: 4-bit, the same bytes and absmax as quantizing the stacked (E·out, in) matrix at once
+    (blocks never straddle two experts as long as out·in is a multiple of the blocksize, which the caller checks);
+    8-bit, per-row scales are per expert anyway; bits=None, an ``nn.Linear`` holding the stacked weight. Its
+    :func:`row_dequantizer` gives one expert's rows, and its forward is never called.
+
+    Args:
+        weight: (E, out, in), or (E, in, out) if ``transposed``; 16-bit or fp32.
+        transposed: the layout, as transformers' ``is_transposed`` says.
+        bits, quant_type, double_quant, compute_dtype, quant_storage: as for :func:`quantize_linear`.
+    """
+    n_experts = weight.shape[0]
+    n_out, n_in = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
+    device = weight.device
+    stacked = torch.Size([n_experts * n_out, n_in])
+
+    def expert(e: int) -> torch.Tensor:
+        return (weight[e].t() if transposed else weight[e]).detach().contiguous()  # (out, in)
+
+    if bits is None:
+        layer = nn.Linear(n_in, n_experts * n_out, bias=False, device="meta")
+        data = torch.empty(stacked, dtype=weight.dtype, device=device)
+        for e in range(n_experts):
+            data[e * n_out : (e + 1) * n_out] = expert(e)
+        layer.weight = nn.Parameter(data, requires_grad=False)
+        return layer
+    if bits == 8:
+        layer = bnb.nn.Linear8bitLt(n_in, n_experts * n_out, bias=False, has_fp16_weights=False,
+                                    threshold=INT8_THRESHOLD, device="meta")
+        data = torch.empty(stacked, dtype=torch.int8, device=device)
+        scales = torch.empty(n_experts * n_out, dtype=torch.float32, device=device)
+        for e in range(n_experts):  # Int8Params' own quantization: fp16, then one scale per row
+            rows, row_scales, _ = bnb.functional.int8_vectorwise_quant(expert(e).to(torch.float16))
+            data[e * n_out : (e + 1) * n_out], scales[e * n_out : (e + 1) * n_out] = rows, row_scales
+        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=scales)
+        return layer
+    if bits != 4:
+        raise ValueError(f"bits={bits!r}: quantize_experts takes 4, 8 or None")
+    per_expert = n_out * n_in
+    packed = torch.empty(n_experts * per_expert // 2, 1, dtype=torch.uint8, device=device)
+    absmax = torch.empty(n_experts * per_expert // BLOCKSIZE, dtype=torch.float32, device=device)
+    for e in range(n_experts):  # bitsandbytes' quantize_4bit, without its double quantization (done once below)
+        values, scales = torch.ops.bitsandbytes.quantize_4bit(expert(e), BLOCKSIZE, quant_type, torch.uint8)
+        packed[e * per_expert // 2 : (e + 1) * per_expert // 2] = values.view(-1, 1)
+        absmax[e * per_expert // BLOCKSIZE : (e + 1) * per_expert // BLOCKSIZE] = scales.view(-1)
+    code = bnb.functional.get_4bit_type(quant_type, device=device)
+    if double_quant:  # as quantize_4bit(compress_statistics=True) does it for one matrix
+        offset = absmax.mean()
+        nested, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnb.functional.QuantState(absmax=nested, shape=stacked, dtype=weight.dtype, blocksize=BLOCKSIZE,
+                                          code=code, quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        state = bnb.functional.QuantState(absmax=absmax, shape=stacked, dtype=weight.dtype, blocksize=BLOCKSIZE,
+                                          code=code, quant_type=quant_type)
+    layer = bnb.nn.Linear4bit(n_in, n_experts * n_out, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(packed.view(quant_storage), requires_grad=False, quant_state=state,
+                                     blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type,
+                                     quant_storage=quant_storage, module=layer, bnb_quantized=True)
+    layer.quant_state = state
+    return layer
+
+
 def storage_dtype(module: nn.Module) -> Optional[torch.dtype]:
     """The dtype a 4-bit layer's packed bytes are stored as (uint8 unless a quant_storage was set); None otherwise."""
     return module.weight.dtype if quant_bits(module) == 4 else None
@@ -279,7 +356,7 @@ def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.T
     return row_dequantizer(module, dtype)(0, module.out_features)
 
 
-def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
+def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False) -> RowDequantizer:
     """A function ``rows(a, b) -> (b - a, in)`` weight rows in ``dtype``.
 
     The returned function holds references to the packed weight and its quantization
@@ -289,6 +366,10 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
     weight asked for a dtype other than fp32/bf16/fp16 (the ones bitsandbytes' kernels
     write) is dequantized in fp32 and cast. 4-bit: ``a`` must be a multiple of
     :func:`row_alignment`.
+
+    ``flat`` (4-bit): rows are dequantized as the one run of values they are in the packed layout, so ``a``
+    need only start a block (``a·in`` a multiple of the blocksize) whatever ``in`` is; stacked experts
+    (:func:`quantize_experts`) are read this way, an expert (or a chunk of one) at a time.
 
     Raises:
         TypeError: if ``dtype`` is not a floating-point dtype.
@@ -329,18 +410,19 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype) -> RowDequantizer:
     packed = weight.data.view(torch.uint8).reshape(-1)  # (out·in/2,) whatever the quant_storage dtype
 
     def rows_4bit(a: int, b: int) -> torch.Tensor:
-        if a % alignment:
-            raise ValueError(f"4-bit rows must start at a multiple of {alignment} (in={n_in}, blocksize {blocksize}); got {a}")
+        if (a * n_in) % blocksize if flat else a % alignment:
+            unit = f"a multiple of {blocksize} values" if flat else f"a multiple of {alignment}"
+            raise ValueError(f"4-bit rows must start at {unit} (in={n_in}, blocksize {blocksize}); got row {a}")
         start, stop = a * n_in, b * n_in
         rows = torch.ops.bitsandbytes.dequantize_4bit(
             packed[start // 2 : (stop + 1) // 2],
             _absmax_4bit(state, start // blocksize, math.ceil(stop / blocksize)),
             blocksize,
             state.quant_type,
-            [b - a, n_in],
+            [stop - start] if flat else [b - a, n_in],
             kernel_dtype,
         )
-        return rows.to(dtype)
+        return rows.view(b - a, n_in).to(dtype)
 
     return rows_4bit
 
@@ -362,6 +444,12 @@ def row_alignment(module: nn.Module) -> int:
     bits = quant_bits(module)
     blocksize = _quant_state(module).blocksize if bits == 4 else BLOCKSIZE
     return row_alignment_of(module.in_features, module.out_features, bits, blocksize)
+
+
+def expert_row_alignment(n_in: int, bits: Optional[int], blocksize: int = BLOCKSIZE) -> int:
+    """Row ranges of one expert handed to a ``flat`` :func:`row_dequantizer` start at multiples of this:
+    the fewest rows that fill whole 4-bit blocks (1 when ``in`` is a multiple of the blocksize)."""
+    return blocksize // math.gcd(n_in, blocksize) if bits == 4 else 1
 
 
 def row_alignment_of(n_in: int, n_out: int, bits: Optional[int], blocksize: int = BLOCKSIZE) -> int:

@@ -130,8 +130,13 @@ def tiny_moe(model_type: str, seed: int = 0):
     config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     for name, value in (("moe_intermediate_size", 32), ("shared_expert_intermediate_size", 32),
-                        ("num_local_experts", 4), ("num_experts", 4)):
+                        ("num_local_experts", 4), ("num_experts", 4), ("num_experts_per_tok", 2),
+                        ("n_routed_experts", 4), ("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 0),
+                        ("qk_rope_head_dim", 16), ("qk_nope_head_dim", 16), ("v_head_dim", 16),
+                        ("kv_lora_rank", 32), ("q_lora_rank", 32)):
         if hasattr(config, name):
             setattr(config, name, value)
+    if hasattr(config, "kv_lora_rank"):  # multi-head latent attention (DeepSeek) has as many kv heads as heads
+        config.num_key_value_heads = config.num_attention_heads
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)

@@ -66,7 +66,7 @@ def test_saved_files_are_peft_miss_format(tmp_path, fp32_tiny) -> None:
     assert set(config) <= {f.name for f in dataclasses.fields(MissConfig)}  # nothing PEFT does not know
     settings = json.loads((tmp_path / "qmiss_config.json").read_text())
     assert settings == {"version": qmiss.__version__, "mode": "mini", "bits": 4, "quant_type": "nf4",
-                        "double_quant": True, "compute_dtype": None, "modules": {
+                        "double_quant": True, "compute_dtype": None, "rank_pattern": None, "modules": {
                             name: [layer.in_features, layer.out_features] for name, layer in qmiss.miss_layers(model)}}
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.mlp.down_proj.miss_block" in tensors

@@ -271,20 +271,29 @@ def test_preloaded_4bit_keeps_its_compute_dtype(tiny_dir: str) -> None:
 
 @pytest.mark.parametrize("model_type, router", [("mixtral", "mlp.gate"), ("qwen2_moe", "mlp.shared_expert_gate"),
                                                 ("phimoe", "mlp.router"), ("gpt_oss", "mlp.router")])
-def test_moe_routers_stay_and_fused_experts_are_named(model_type: str, router: str) -> None:
+def test_moe_routers_stay_and_fused_experts_are_adapted(model_type: str, router: str) -> None:
     """Routers and gates are no "all-linear" target (a wrapped PhiMoE router broke the forward; Qwen2-MoE's
-    1-wide shared_expert_gate refused bat); fused 3-D experts, which no qmiss layer holds yet, are named in a
-    warning with their share of the matmul weights instead of being left 16-bit in silence."""
+    1-wide shared_expert_gate refused bat); fused 3-D experts are quantized and adapted, silently no more."""
     model = tiny_moe(model_type)
-    with pytest.warns(UserWarning, match=r"prepare_qmiss: \d+ matmul weight\(s\) .* unquantized and frozen — "
-                                         r"model\.layers\.0\.mlp\.experts\.down_proj.*: \d+% of the model's matmul"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="prepare_qmiss")
         qmiss.prepare_qmiss(model, r=16, bits=4, mode="bat")
     adapted = [name for name, _ in qmiss.miss_layers(model)]
     assert adapted and not [n for n in adapted if n.endswith(router)]
+    assert "model.layers.0.mlp.experts.down_proj" in adapted
     ids = torch.randint(0, 128, (2, 8))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_experts_left_out_are_named_with_their_share() -> None:
+    """Experts excluded from the targets stay 16-bit: the warning names them and their share of the weights."""
+    model = tiny_moe("mixtral")
+    with pytest.warns(UserWarning, match=r"prepare_qmiss: 2 matmul weight\(s\) .* unquantized and frozen — "
+                                         r"model\.layers\.0\.mlp\.experts\.down_proj.*: \d+% of the model's matmul"):
+        qmiss.prepare_qmiss(model, r=16, bits=4, exclude_modules=["model.layers.0.mlp.experts.gate_up_proj",
+                                                                   "model.layers.0.mlp.experts.down_proj"])
 
 
 def test_a_dense_model_prepares_without_a_warning() -> None:
@@ -316,8 +325,7 @@ def test_deepseek_v3_in_8bit_evaluates() -> None:
         qk_nope_head_dim=8, v_head_dim=16)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.warns(UserWarning, match="experts"):
-        qmiss.prepare_qmiss(model, r=16, bits=8)
+    qmiss.prepare_qmiss(model, r=16, bits=8)
     ids = torch.randint(0, 128, (2, 8))
     train_loss = model(input_ids=ids, labels=ids).loss
     model.eval()
