@@ -194,7 +194,7 @@ class QMissConfig:
     # --- the adapter ---------------------------------------------------------------------------------------------
     r: int = 64  # shard size along in_features; the adapter rank
     rank_pattern: Optional[dict[str, int]] = None  # per-module r, PEFT's LoraConfig spelling: {regex: r}, the
-    #   first key matching the end of a module's path wins (e.g. {"experts": 16}); others take r
+    #   first key matching the end of a module's path wins; {"experts": 16} covers fused experts; others take r
     mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"; PEFT's init_weights=True/"mini"/"bat"
     mini_r: Optional[int] = None  # mini: width of the tiled adapter along out_features
     bits: Union[int, str, None] = AUTO  # 4 or 8 (bitsandbytes), None/16: unquantized; "auto": as loaded, else 4
@@ -272,11 +272,16 @@ class QMissConfig:
             raise TypeError(f"{where}() got an unexpected setting {unknown[0]!r}{hint}")
         return cls(**settings)
 
-    def rank_for(self, name: str) -> int:
-        """The r of the module (or expert parameter) at ``name``: :attr:`rank_pattern`'s first key that matches the
-        end of the path on a name boundary (PEFT's ``get_pattern_key`` rule), else :attr:`r`."""
-        key = pattern_key(self.rank_pattern or {}, name)
-        return self.rank_pattern[key] if key is not None else self.r
+    def rank_for(self, name: str, expert: bool = False) -> int:
+        """The r of the module at ``name``: :attr:`rank_pattern`'s first key that matches the end of the path on a
+        name boundary (PEFT's ``get_pattern_key`` rule), else :attr:`r`. A fused expert parameter (``expert``,
+        ``….experts.gate_up_proj``) is also matched through the module that holds it, so ``{"experts": 16}``
+        covers every expert projection."""
+        patterns = self.rank_pattern or {}
+        key = pattern_key(patterns, name)
+        if key is None and expert:
+            key = pattern_key(patterns, name.rpartition(".")[0])
+        return patterns[key] if key is not None else self.r
 
     @property
     def init_weights(self) -> Union[bool, str]:

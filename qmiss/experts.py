@@ -58,7 +58,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     """
     up_name, _ = expert_params(self)
     up, down = getattr(self, up_name), self.down_proj
-    if not isinstance(down, MissExperts):  # not adapted: transformers' own path
+    if not isinstance(up, MissExperts) and not isinstance(down, MissExperts):  # not adapted: transformers' own path
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_top_k = top_k_index.shape[-1]
     num_tokens, hidden_dim = hidden_states.shape
@@ -69,11 +69,11 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     if len(counts) > self.num_experts:
         raise ValueError(f"{down.name}: routed to expert {len(counts) - 1}, but the block has {self.num_experts}")
 
-    h = up(x, counts)
+    h = _project(self, up, x, counts)
     if self.has_bias:
         h = h + getattr(self, f"{up_name}_bias")[expert_ids].to(h.dtype)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    out = down(h, counts)
+    out = _project(self, down, h, counts)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids].to(out.dtype)
     if self.has_post_expert_norm:
@@ -82,6 +82,18 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return out[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _project(self: nn.Module, projection: nn.Module | torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """One projection of tokens sorted by expert: a MissExperts, or a fused parameter the user left out of the
+    targets (multiplied expert by expert, in its own dtype)."""
+    if isinstance(projection, MissExperts):
+        return projection(x, counts)
+    outputs = []
+    for e, part in enumerate(x.split(counts)):
+        weight = projection[e] if self.is_transposed else projection[e].t()  # (in, out)
+        outputs.append(part.to(weight.dtype) @ weight)
+    return torch.cat(outputs)
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from qmiss import ops, quant
 from qmiss.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, atomic_write_json, read_adapter, require_qmiss
-from qmiss.layer import MissLinear
+from qmiss.layer import MissExperts, MissLinear
 from qmiss.model import miss_layers
 
 PathLike = Union[str, os.PathLike]
@@ -55,6 +56,7 @@ class _OriginalWeights:
             raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
     def get(self, key: str) -> Optional[torch.Tensor]:
+        """The tensor stored under ``key`` (a linear's ``<name>.weight``, a fused expert parameter's path), if any."""
         if key not in self.files:
             return None
         with safe_open(str(self.files[key]), framework="pt") as f:
@@ -70,6 +72,15 @@ def _export_tensors(model: nn.Module, dtype: torch.dtype,
         if any(name.startswith(p) for p in skip_prefixes):
             continue
         prefix = f"{name}." if name else ""
+        if isinstance(module, MissExperts):  # the fused parameter it stands for, under its name
+            skip_prefixes.append(prefix)
+            orig = original.get(name) if original is not None else None
+            if orig is None:
+                yield name, module.fused_weight(merged=True, dtype=dtype)
+                continue
+            delta = torch.stack([module.delta_weight(e) for e in range(module.experts)])  # (E, out, in)
+            yield name, (orig.float() + (delta.transpose(1, 2) if module.transposed else delta)).to(dtype)
+            continue
         if isinstance(module, MissLinear) or (quant.is_linear(module) and quant.quant_bits(module) is not None):
             skip_prefixes.append(prefix)
             orig = original.get(f"{prefix}weight") if original is not None else None
@@ -190,13 +201,34 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _lora_pair(block: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's (A, B) for one default/mini adapter block: A (r, in) sums the shards, B = Dᵀ (out, r)."""
+    r = block.shape[0]
+    lora_a = (torch.arange(n_in) % r == torch.arange(r)[:, None]).float()  # (r, in)
+    return lora_a, block.t().contiguous()
+
+
+def _expert_lora(block: torch.Tensor, n_in: int, n_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``target_parameters`` LoRA (``lora.ParamWrapper``) for E experts' blocks: PEFT reads ``lora_A``
+    (E·r, in) as (E, r, in) and ``lora_B`` (out, r·E) as (out, r, E), rank-major."""
+    n_experts, r = block.shape[0], block.shape[1]
+    a = torch.zeros(n_experts, r, n_in)
+    b = torch.zeros(n_out, r, n_experts)
+    for e in range(n_experts):
+        d = ops.tile_mini(block[e], n_out) if mode == "mini" else block[e]  # (r, out)
+        a[e], b[:, :, e] = _lora_pair(d, n_in)
+    return a.reshape(n_experts * r, n_in), b.reshape(n_out, r * n_experts)
+
+
 def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
-    """Write a default/mini adapter as the PEFT LoRA adapter it is exactly (rank r, scale 1).
+    """Write a default/mini adapter as the PEFT LoRA adapter it is exactly (scale 1).
 
     ``A[k, c] = 1 if c % r == k`` (r × in) sums the shards, ``B = Dᵀ`` (out × r), and
     ``lora_alpha = r`` makes the scale 1, so ``B A x = (Σ_j x_j) D``, bit for bit up to float
     rounding, for any in_features (a partial last shard included). vLLM / TGI-style LoRA servers
-    load the result.
+    load the result. Modules with their own r (``rank_pattern``) get it in LoRA's ``rank_pattern`` and
+    ``alpha_pattern``. Fused experts become PEFT's ``target_parameters`` LoRA (one A and B per expert, as
+    ``lora.ParamWrapper`` stores them).
 
     Args:
         source: a qmiss model, or a qmiss adapter folder (which records each module's in_features).
@@ -224,16 +256,30 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
     if config.mode == "bat":
         raise ValueError("mode='bat' is not a low-rank update and has no exact LoRA form; "
                          "use qmiss.export_merged(model, dir) for a merged checkpoint instead")
-    tensors = {}
+    expert_blocks = {n: b for n, b in blocks.items() if b.dim() == 3}  # (E, r, out | mini_r)
+    tensors, ranks = {}, {}
     for name, block in blocks.items():
         n_in, n_out = shapes[name]
-        d = ops.tile_mini(block, n_out) if config.mode == "mini" else block  # (r, out)
-        lora_a = (torch.arange(n_in) % config.r == torch.arange(config.r)[:, None]).float()  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = d.t().contiguous()  # (out, r)
+        if name in expert_blocks:
+            module = name.rpartition(".")[0]
+            # PEFT nests one ParamWrapper per parameter of a module, the first-registered innermost (each wrapper
+            # adds a "base_layer." level for those inside it); transformers registers gate_up/up before down
+            siblings = sorted((n for n in expert_blocks if n.rpartition(".")[0] == module), key=_param_order)
+            key = f"{PREFIX}{module}." + "base_layer." * (len(siblings) - 1 - siblings.index(name))
+            ranks[name] = block.shape[1]
+            lora_a, lora_b = _expert_lora(block, n_in, n_out, config.mode)
+        else:
+            key = f"{PREFIX}{name}."
+            ranks[name] = block.shape[0]
+            lora_a, lora_b = _lora_pair(ops.tile_mini(block, n_out) if config.mode == "mini" else block, n_in)
+        tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"] = lora_a, lora_b
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank is LoRA's r
+    pattern = {re.escape(n): k for n, k in sorted(ranks.items()) if k != rank}  # PEFT: a regex matched at name ends
     payload = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.r, "lora_dropout": 0.0,
-        "target_modules": sorted(blocks), "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": sorted(n for n in blocks if n not in expert_blocks) or None,
+        "target_parameters": sorted(expert_blocks) or None, "rank_pattern": pattern, "alpha_pattern": pattern,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
         "base_model_name_or_path": config.base_model_name_or_path,
     }
@@ -241,3 +287,8 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
     atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(out_dir / CONFIG_NAME, payload)
     return out_dir
+
+
+def _param_order(name: str) -> int:
+    """The order transformers registers an experts module's fused parameters in (gate_up / up first, then down)."""
+    return 1 if name.endswith("down_proj") else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import os
 import re
 import socket
@@ -159,3 +160,31 @@ def exit_status(prog: str, argv: list[str], command: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def parse_rank_pattern(text: str, flag: str = "--rank_pattern") -> dict[str, int]:
+    """A command line's rank override, as a JSON object (``'{"experts": 16}'``) or ``key=r`` pairs separated by
+    commas (``experts=16,q_proj=32``), into ``{regex: r}``.
+
+    Raises:
+        InputError: neither form, or an r that is not an int; naming ``flag`` and the value.
+    """
+    text = text.strip()
+    example = f"e.g. {flag} experts=16 or {flag} '{{\"experts\": 16}}'"
+    if text.startswith("{"):
+        try:
+            pattern = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{flag} {text!r} is not valid JSON ({exc.msg}); {example}") from exc
+        if not isinstance(pattern, dict):
+            raise InputError(f"{flag} {text!r} must be a JSON object of regex -> r; {example}")
+        return pattern
+    pattern = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, rank = pair.rpartition("=")
+        if not sep or not key or not rank.strip().isdigit():
+            raise InputError(f"{flag} {text!r}: {pair!r} is not key=r with a positive int r; {example}")
+        pattern[key.strip()] = int(rank)
+    if not pattern:
+        raise InputError(f"{flag} is empty; {example}")
+    return pattern

@@ -298,16 +298,19 @@ class MissExperts(MissAdapter):
         experts: E.
         transposed: the layout the parameter had (kept for the 16-bit export).
         weight_dtype: the dtype it had (the same).
+        implementation: the model's ``config._experts_implementation`` before qmiss's (put back by the exports).
         Others as :class:`MissLinear`; r, mode and mini_r are checked against one expert's (in, out).
     """
 
     def __init__(self, base_layer: nn.Module, experts: int, r: int, mode: str = "default", mini_r: int | None = None,
                  dropout: float = 0.0, compute_dtype: torch.dtype | None = None, bat_chunk_bytes: int = 64 * 2**20,
-                 name: str = "", transposed: bool = False, weight_dtype: torch.dtype = torch.float32) -> None:
+                 name: str = "", transposed: bool = False, weight_dtype: torch.dtype = torch.float32,
+                 implementation: str | None = None) -> None:
         n_in, stacked = quant.in_out_features(base_layer)
         super().__init__(base_layer, n_in, stacked // experts, experts, r, mode, mini_r, dropout, compute_dtype,
                          bat_chunk_bytes, name)
         self.experts, self.transposed, self.weight_dtype = experts, transposed, weight_dtype
+        self.implementation = implementation  # the experts implementation the model used before (restored on unwrap)
 
     def expert_rows(self, expert: int, dtype: torch.dtype) -> ops.RowDequantizer:
         """``rows(a, b)``: rows a..b of one expert's (out, in) base weight, dequantized in ``dtype``."""
@@ -321,6 +324,21 @@ class MissExperts(MissAdapter):
     def merged_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One expert's dequantize(W) + ΔW (out, in), computed in fp32, returned in ``dtype``."""
         return self._merged(self.base_weight(expert), self.miss_block[expert].detach().float()).to(dtype)
+
+    def delta_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One expert's ΔW (out, in) on its dequantized base weight, computed in fp32, returned in ``dtype``."""
+        return (self.merged_weight(expert) - self.base_weight(expert)).to(dtype)
+
+    def fused_weight(self, merged: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Every expert's weight in the layout and dtype transformers' parameter had ((E, out, in), or (E, in, out)
+        when transposed): merged (W + ΔW) or the base alone, filled one expert at a time."""
+        dtype = dtype or self.weight_dtype
+        shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+        fused = torch.empty(self.experts, *shape, dtype=dtype, device=self.miss_block.device)
+        for e in range(self.experts):
+            weight = self.merged_weight(e, dtype) if merged else self.base_weight(e, dtype)
+            fused[e] = weight.t() if self.transposed else weight
+        return fused
 
     def merge(self) -> None:
         """Fold each expert's adapter into an unquantized base, in place (see :meth:`MissLinear.merge`)."""
@@ -359,6 +377,8 @@ class MissExperts(MissAdapter):
         chunk = ops.chunk_rows(self.out_features, self.in_features, unit,
                                quant.expert_row_alignment(self.in_features, self.bits), self.bat_chunk_bytes,
                                torch.finfo(dtype).bits // 8)
+        # one unbind, not a select per expert: each select's backward would allocate and zero a whole-block gradient
+        blocks = block.to(dtype).unbind(0) if block is not None else None
         outputs, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -366,12 +386,12 @@ class MissExperts(MissAdapter):
             xe, start = x[start : start + n], start + n
             rows = self.expert_rows(e, dtype)
             if block is not None and self.mode == "bat":
-                outputs.append(ops.bat_linear(xe, block[e].to(dtype), None, rows, self.out_features, chunk))
+                outputs.append(ops.bat_linear(xe, blocks[e], None, rows, self.out_features, chunk))
                 continue
             y = ops.bat_linear(xe, None, None, rows, self.out_features, chunk)
             if block is not None:
                 xs = ops.shard_sum(self.dropout(xe), self.r)
-                y = y + xs @ self._adapter_weight(block[e]).to(dtype)  # (n, r) @ (r, out)
+                y = y + xs @ self._adapter_weight(blocks[e])  # (n, r) @ (r, out)
             outputs.append(y)
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.out_features)
 

@@ -123,12 +123,15 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
             f"{spelled('target_modules')}={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
             f"matches no linear layer; the model's {len(linear_names)} linear layers are: {few(linear_names) or '(none)'}"
         )
-    unused = [key for key in config.rank_pattern or {} if not any(pattern_key({key: 0}, n) for n in targets)]
+    modules = dict(model.named_modules())
+    unused = [key for key in config.rank_pattern or {}
+              if not any(pattern_key({key: 0}, n) or (n not in modules and pattern_key({key: 0}, n.rpartition(".")[0]))
+                         for n in targets)]
     if unused:
         raise InputError(
             f"{spelled('rank_pattern')} key {unused[0]!r} matches none of the {len(targets)} target modules "
-            f"({few(targets)}); a key is a regex matched against the end of a module's path, e.g. 'experts' or "
-            "'self_attn\\.q_proj'"
+            f"({few(targets)}); a key is a regex matched against the end of a module's path (PEFT's rule), e.g. "
+            "'experts' or 'self_attn\\.q_proj'"
         )
     return targets
 
@@ -147,7 +150,7 @@ def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> 
     problems, smallest = [], None
     for name in targets:
         n_in, n_out, n_experts = target_shape(modules, name)
-        rank = config.rank_for(name)
+        rank = config.rank_for(name, expert=n_experts is not None)
         r_is = f"{r}={rank}" if rank == config.r else f"r={rank} (from {spelled('rank_pattern')})"
         smallest = n_in if smallest is None else min(smallest, n_in)
         problem = shape_problem(n_in, n_out, rank, config.mode, config.mini_r)  # the layer's rule
@@ -199,6 +202,7 @@ def wrap_targets(model: nn.Module, targets: list[str], config: QMissConfig,
     parameter by a :class:`MissExperts` under its name, and its experts module switched to qmiss's experts
     implementation (:mod:`qmiss.experts`)."""
     modules = dict(model.named_modules())
+    before = {id(m.config): m.config._experts_implementation for m in modules.values() if is_experts_module(m)}
     settings = dict(mode=config.mode, mini_r=config.mini_r, dropout=config.dropout,
                     compute_dtype=config.compute_dtype, bat_chunk_bytes=config.bat_chunk_bytes)
     quantized = dict(quant_type=config.quant_type, double_quant=config.double_quant,
@@ -210,8 +214,9 @@ def wrap_targets(model: nn.Module, targets: list[str], config: QMissConfig,
             weight = getattr(parent, child)
             bits = config.bits if config.bits != 16 else None
             base = quant.quantize_experts(weight, parent.is_transposed, bits, **quantized).requires_grad_(False)
-            layer = MissExperts(base, weight.shape[0], r=config.rank_for(name), name=name,
-                                transposed=parent.is_transposed, weight_dtype=weight.dtype, **settings)
+            layer = MissExperts(base, weight.shape[0], r=config.rank_for(name, expert=True), name=name,
+                                transposed=parent.is_transposed, weight_dtype=weight.dtype,
+                                implementation=before[id(parent.config)], **settings)
             del weight
             delattr(parent, child)  # the 16-bit parameter goes; the module takes its name
             parent.config._experts_implementation = IMPLEMENTATION
@@ -234,13 +239,35 @@ def _plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: tor
     return linear
 
 
+def _put_back_experts(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Give the experts module at ``name``'s parent its fused parameter back, frozen."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    delattr(parent, child)
+    setattr(parent, child, nn.Parameter(weight, requires_grad=False))
+
+
+def _restore_implementation(model: nn.Module, layers: list[MissExperts]) -> None:
+    """Once no MissExperts is left, switch the experts back to the implementation they had before qmiss's."""
+    if not any(isinstance(m, MissExperts) for m in model.modules()):
+        for module in model.modules():
+            if is_experts_module(module):
+                module.config._experts_implementation = layers[0].implementation
+
+
 def unwrap_merged(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every MissLinear by an ``nn.Linear`` holding dequantize(W) + ΔW, and every other quantized
-    linear by its dequantized weight, in ``dtype``, one layer at a time (merged in fp32: exact up to
-    ``dtype``'s rounding)."""
+    """Replace every MissLinear by an ``nn.Linear`` holding dequantize(W) + ΔW, every MissExperts by the fused
+    parameter it took the place of (W + ΔW per expert, in its layout), and every other quantized linear by its
+    dequantized weight, in ``dtype``, one layer at a time (merged in fp32: exact up to ``dtype``'s rounding)."""
     replaced: list[str] = []
+    experts: list[MissExperts] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(f"{done}.") for done in replaced):  # a MissLinear's own base layer
+            continue
+        if isinstance(module, MissExperts):
+            _put_back_experts(model, name, module.fused_weight(merged=True, dtype=dtype))
+            replaced.append(name)
+            experts.append(module)
             continue
         if isinstance(module, MissLinear):
             linear = _plain_linear(module.merged_weight(dtype), module.bias, dtype)
@@ -251,13 +278,28 @@ def unwrap_merged(model: nn.Module, dtype: torch.dtype) -> None:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
         replaced.append(name)
+    if experts:
+        _restore_implementation(model, experts)
 
 
 def unwrap(model: nn.Module) -> None:
-    """Put each MissLinear's base layer (quantized as it is) back in its place."""
+    """Put each MissLinear's base layer (quantized as it is) back in its place. Unquantized experts get their
+    fused parameter back; quantized experts have no transformers form, so their MissExperts stays, its adapter
+    zeroed, frozen and switched off (the output is the quantized base's)."""
+    experts = [layer for _, layer in miss_layers(model) if isinstance(layer, MissExperts)]
     for name, layer in list(miss_layers(model)):
+        if isinstance(layer, MissExperts):
+            if layer.bits is None:
+                _put_back_experts(model, name, layer.fused_weight(merged=False))
+            else:
+                with torch.no_grad():
+                    layer.miss_block.zero_().requires_grad_(False)
+                layer.disabled = True
+            continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    if experts:
+        _restore_implementation(model, experts)
 
 
 def merge(model: nn.Module) -> nn.Module:

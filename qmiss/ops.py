@@ -220,8 +220,8 @@ class BatLinear(torch.autograd.Function):
         out = x.new_empty(*x.shape[:-1], out_features)
         y = out.view(-1, out_features)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice
-            # one W' buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults
-            buffer = x2.new_empty(min(chunk, out_features), x2.shape[1])
+            # one W' buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults (none without B)
+            buffer = x2.new_empty(min(chunk, out_features), x2.shape[1]) if block is not None else None
             for a in range(0, out_features, chunk):
                 b = min(a + chunk, out_features)
                 w = _chunk_weight(rows(a, b), block, a, b, buffer)  # (b - a, in)
@@ -248,7 +248,8 @@ class BatLinear(torch.autograd.Function):
         scratch = torch.empty_like(x2, dtype=torch.float32) if wide and x.device.type == "cuda" else None
         grad_block = torch.empty_like(block) if need_block else None
         with torch.autocast(x.device.type, enabled=False):
-            buffer = x2.new_empty(min(ctx.chunk, out_features), x2.shape[1])  # W'_c, then G_c
+            # W'_c, then G_c (neither exists without B)
+            buffer = x2.new_empty(min(ctx.chunk, out_features), x2.shape[1]) if block is not None else None
             for a in range(0, out_features, ctx.chunk):
                 b = min(a + ctx.chunk, out_features)
                 w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk

@@ -317,7 +317,8 @@ def from_pretrained(model: nn.Module, directory: PathLike, trainable: bool = Fal
     # The recorded compute dtype is not replayed: it belongs to the machine that trained (fp32 on a
     # CPU), not to the adapter; the compute-dtype rule picks one for where this model runs.
     settings = dict(r=config.r, mode=config.mode, mini_r=config.mini_r, bits=config.bits, quant_type=config.quant_type,
-                    double_quant=config.double_quant, target_modules=sorted(tensors), dropout=config.dropout)
+                    double_quant=config.double_quant, target_modules=sorted(tensors), dropout=config.dropout,
+                    rank_pattern=config.rank_pattern)
     if any(quant.is_linear(m) and quant.quant_bits(m) is not None for m in model.modules()):
         settings["bits"] = "auto"  # a BitsAndBytesConfig model keeps its own quantization
     settings.update(overrides)

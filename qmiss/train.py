@@ -51,7 +51,7 @@ from qmiss.demo import DEMO_DEFAULTS, arithmetic_problems, held_out_accuracy
 from qmiss.encode import IGNORE, ChatTemplateError, Encoder, chat_prompt
 from qmiss.gguf_file import converted_folder, is_gguf, load_tokenizer
 from qmiss.inputs import (InputError, MissingPathError, check_local_path, check_output_dir, exit_status, few,
-                          hub_access, spelled_as)
+                          hub_access, parse_rank_pattern, spelled_as)
 from qmiss.model import check_targets, trainable_parameters
 from qmiss.packing import PackedCollator, pack
 from qmiss.prepare import check_long_context, prepare_qmiss
@@ -67,7 +67,8 @@ PROMPT = (
 BITS = {"4": 4, "8": 8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: prepare_qmiss's arguments and the qmiss-train flags that set them, for error messages.
 FLAGS = {"r": "--miss_r", "mini_r": "--mini_r", "mode": "--mode", "init_weights": "--init_weights", "bits": "--bits",
-         "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules"}
+         "quant_type": "--quant_type", "dropout": "--miss_dropout", "target_modules": "--target_modules",
+         "rank_pattern": "--rank_pattern"}
 #: qmiss-train's own defaults where they differ from the API's (config.FRONT_END_DEFAULTS says why).
 COMMAND = FRONT_END_DEFAULTS["qmiss-train"]
 
@@ -84,6 +85,9 @@ class ModelArguments:
     quant_type: str = field(default=DEFAULTS.quant_type, metadata={"help": "4-bit data type: nf4 or fp4."})
     double_quant: bool = field(default=DEFAULTS.double_quant, metadata={"help": "4-bit double quantization."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names; default all-linear."})
+    rank_pattern: Optional[str] = field(default=None, metadata={
+        "help": "Per-module r, PEFT's rank_pattern: key=r pairs (experts=16,q_proj=32) or a JSON object; a key is "
+                "a regex matched at the end of module paths (mixture-of-experts: experts=16)."})
     miss_dropout: float = field(default=DEFAULTS.dropout,
                                 metadata={"help": "Dropout on the adapter input (default/mini)."})
     chunked_loss: bool = field(default=COMMAND["chunked_loss"], metadata={
@@ -237,7 +241,8 @@ def _qmiss_settings(model_args: ModelArguments) -> dict:
                     quant_type=model_args.quant_type, double_quant=model_args.double_quant,
                     chunked_loss=model_args.chunked_loss, loss_chunk_bytes=model_args.loss_chunk_mib * 2**20,
                     offload_activations=model_args.offload_activations,
-                    embeddings_on_host=model_args.embeddings_on_host)
+                    embeddings_on_host=model_args.embeddings_on_host,
+                    rank_pattern=parse_rank_pattern(model_args.rank_pattern) if model_args.rank_pattern else None)
     if model_args.mode is not None:
         return {**settings, "mode": model_args.mode}
     return {**settings, "mode": mode_from_init_weights(model_args.init_weights)}

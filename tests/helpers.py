@@ -124,14 +124,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_moe(model_type: str, seed: int = 0):
+def tiny_moe(model_type: str, seed: int = 0, experts: int = 4, moe_intermediate_size: int = 32, **overrides):
     """A tiny mixture-of-experts causal LM of ``model_type`` (Mixtral, Qwen2-MoE, PhiMoE, gpt-oss …): 2 layers,
-    4 experts, hidden 64."""
-    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    for name, value in (("moe_intermediate_size", 32), ("shared_expert_intermediate_size", 32),
-                        ("num_local_experts", 4), ("num_experts", 4), ("num_experts_per_tok", 2),
-                        ("n_routed_experts", 4), ("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 0),
+    ``experts`` experts (2 per token), hidden 64 unless ``overrides`` say otherwise (Mixtral, PhiMoE and gpt-oss
+    size their experts by ``intermediate_size``, the others by ``moe_intermediate_size``)."""
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
+    for name, value in (("moe_intermediate_size", moe_intermediate_size), ("shared_expert_intermediate_size", 32),
+                        ("num_local_experts", experts), ("num_experts", experts), ("num_experts_per_tok", 2),
+                        ("n_routed_experts", experts), ("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 0),
                         ("qk_rope_head_dim", 16), ("qk_nope_head_dim", 16), ("v_head_dim", 16),
                         ("kv_lora_rank", 32), ("q_lora_rank", 32)):
         if hasattr(config, name):
