@@ -281,3 +281,21 @@ def test_qmiss_train_fine_tunes_a_tiny_moe_from_a_saved_folder(tmp_path, smollm2
     reloaded = qmiss.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), out)
     for name, layer in qmiss.miss_layers(reloaded):
         assert torch.equal(layer.miss_block, tensors[name]), name
+
+
+def test_16bit_experts_merge_unmerge_and_unload_round_trip() -> None:
+    model = tiny_moe("mixtral").float().eval()
+    original = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    qmiss.prepare_qmiss(model, r=16, bits=None, mode="bat")
+    randomize_adapters(model)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        qmiss.merge(model)
+        assert relative(model(ids).logits, adapted) <= 1e-5
+        qmiss.unmerge(model)
+        assert relative(model(ids).logits, adapted) <= 1e-5
+    model.unload()
+    restored = model.model.layers[0].mlp.experts.down_proj
+    assert isinstance(restored, torch.nn.Parameter) and torch.allclose(restored, original, atol=1e-5)
+    assert model.model.layers[0].mlp.experts.config._experts_implementation != "qmiss"
