@@ -42,8 +42,8 @@ def mutate_settings(rng: random.Random, settings: dict) -> tuple[str, str]:
     if how == "not-object":
         return how, json.dumps(rng.choice([[1], "qmiss", 3, None, True, []]))
     changed = json.loads(json.dumps(settings))
-    if how == "drop":
-        del changed[rng.choice(sorted(changed))]
+    if how == "drop":  # a required field (rank_pattern is optional: older folders have none)
+        del changed[rng.choice(sorted(set(changed) - {"rank_pattern"}))]
         return how, json.dumps(changed)
     name = rng.choice(sorted(settings["modules"]))
     n_in, n_out = settings["modules"][name]
@@ -57,6 +57,8 @@ def mutate_settings(rng: random.Random, settings: dict) -> tuple[str, str]:
         "modules": [None, [], "all", {name: [0, n_out]}, {name: [float("nan"), n_out]}, {name: [n_in]},
                     {name: [n_in, n_out, 1]}, {name: [n_in + 1, n_out]}, {name: [n_in, n_out + 16]},
                     {name: [float(n_in), n_out]}, {name: [True, n_out]}],  # the last ones: well typed, wrong shape
+        "rank_pattern": [{}, "experts", ["experts"], {"experts": 0}, {"experts": 8.0}, {"experts(": 8},
+                         {"experts": True}],
     }
     field = rng.choice(sorted(invalid))
     changed[field] = rng.choice(invalid[field])
@@ -197,5 +199,5 @@ def test_every_mutated_qmiss_config_is_rejected_and_the_model_unchanged(tmp_path
         kinds[kind] = kinds.get(kind, 0) + 1
         for name, layer in qmiss.miss_layers(target):
             assert torch.equal(layer.miss_block, before[name]), (kind, name)
-    fields = {"version", "mode", "bits", "quant_type", "double_quant", "compute_dtype", "modules"}
+    fields = {"version", "mode", "bits", "quant_type", "double_quant", "compute_dtype", "modules", "rank_pattern"}
     assert set(kinds) == {"drop", "syntax", "not-object"} | {f"field:{f}" for f in fields}, kinds
