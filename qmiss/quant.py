@@ -352,7 +352,10 @@ def _absmax_4bit(state: bnb.functional.QuantState, start: int, stop: int) -> tor
 
 
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The layer's (out, in) weight in ``dtype``: the dequantized values for a bitsandbytes layer."""
+    """The layer's (out, in) weight in ``dtype``: the dequantized values for a bitsandbytes layer. Always a new
+    tensor, which the caller may write into: a plain layer's weight is copied even in its own dtype."""
+    if quant_bits(module) is None:
+        return module.weight.detach().to(dtype, copy=True)
     return row_dequantizer(module, dtype)(0, module.out_features)
 
 

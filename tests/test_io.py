@@ -242,6 +242,17 @@ def test_merge_and_unload_is_exact(fp32_tiny, mode: str) -> None:
     assert (logits(plain) - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_export_merged_leaves_an_unquantized_model_as_it_was(tmp_path, fp32_tiny, mode: str) -> None:
+    # dequantize() of a plain fp32 layer once returned its weight itself, and the merge added ΔW into it
+    model = prepared(fp32_tiny, None, mode)
+    randomize_adapters(model)
+    expected = logits(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(qmiss.export_merged(model, tmp_path, dtype=torch.float32))
+    assert torch.equal(logits(model), expected)
+    assert (logits(reloaded) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
