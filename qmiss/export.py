@@ -24,7 +24,7 @@ from torch import nn
 from qmiss import ops, quant
 from qmiss.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, atomic_write_json, read_adapter, require_qmiss
 from qmiss.layer import MissExperts, MissLinear
-from qmiss.model import miss_layers
+from qmiss.model import from_conv1d, miss_layers
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,13 +83,16 @@ def _export_tensors(model: nn.Module, dtype: torch.dtype,
             continue
         if isinstance(module, MissLinear) or (quant.is_linear(module) and quant.quant_bits(module) is not None):
             skip_prefixes.append(prefix)
+            conv1d = from_conv1d(module)  # the checkpoint holds this weight (in, out), as GPT-2's Conv1D stores it
             orig = original.get(f"{prefix}weight") if original is not None else None
+            if orig is not None and conv1d:
+                orig = orig.t()  # (out, in)
             if isinstance(module, MissLinear):
                 weight = (module.merged_weight(dtype) if orig is None
                           else (orig.float() + module.delta_weight(torch.float32)).to(dtype))
             else:
                 weight = quant.dequantize(module, dtype) if orig is None else orig.to(dtype)
-            yield f"{prefix}weight", weight
+            yield f"{prefix}weight", weight.t() if conv1d else weight
             if module.bias is not None:
                 yield f"{prefix}bias", module.bias.detach().to(dtype)
             continue
@@ -115,7 +118,9 @@ def export_merged(
     Weights are dequantize(W) + ΔW (bat: W(I + B) + B blockwise), computed in fp32 one layer at
     a time and written in safetensors shards of at most ``max_shard_size``, so memory stays near
     the quantized model plus one shard. ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it
-    with qmiss not installed. The folder is assembled under a temporary name and renamed into place.
+    with qmiss not installed. A layer that stands for a transformers ``Conv1D`` (GPT-2) is written
+    in the Conv1D's (in, out) layout, as its class loads it (:func:`qmiss.model.from_conv1d`). The
+    folder is assembled under a temporary name and renamed into place.
 
     Args:
         model: a qmiss model.

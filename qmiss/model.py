@@ -67,6 +67,50 @@ def unreachable_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2 style): a linear whose weight is stored (in, out)."""
+    return isinstance(module, Conv1D)
+
+
+def target_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear target: a plain or quantized linear, or a ``Conv1D``."""
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape  # stored (in, out)
+        return n_in, n_out
+    return quant.in_out_features(module)
+
+
+def target_bits(module: nn.Module) -> Optional[int]:
+    """How a target was loaded: 4 or 8 for a bitsandbytes linear, None for a plain one or a ``Conv1D``."""
+    return None if is_conv1d(module) else quant.quant_bits(module)
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """Whether a linear stands for a ``Conv1D`` of the original model, whose checkpoint holds its weight (in, out).
+
+    transformers marks the bitsandbytes layers it puts in place of a model's linears with the class they
+    replace (``source_cls``, set in ``integrations/bitsandbytes.py``'s ``replace_with_bnb_linear`` and read by
+    its weight loader, which transposes a Conv1D's checkpoint weight); :func:`linear_from_conv1d` sets the same
+    mark, so a model quantized by transformers or by qmiss exports alike. A :class:`MissLinear` answers for its
+    base layer.
+    """
+    if isinstance(module, MissLinear):
+        module = module.base_layer
+    return issubclass(getattr(module, "source_cls", type(module)), Conv1D)
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what ``conv`` (a ``Conv1D``) computes: its weight transposed to (out, in), its bias,
+    on its device and in its dtype, marked as :func:`from_conv1d` reads it."""
+    n_in, n_out = target_features(conv)
+    linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)  # (out, in)
+    if conv.bias is not None:
+        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    linear.source_cls = type(conv)
+    return linear
+
+
 def experts_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
     """(experts, in_features, out_features) of one fused expert parameter (``is_transposed``: stored (E, in, out))."""
     n_experts, a, b = getattr(module, param).shape
@@ -77,7 +121,7 @@ def target_shape(modules: dict[str, nn.Module], name: str) -> tuple[int, int, Op
     """(in_features, out_features, experts) of a target: a linear (experts None) or a fused expert parameter
     (``<experts module>.<parameter>``, per expert)."""
     if name in modules:
-        return (*quant.in_out_features(modules[name]), None)
+        return (*target_features(modules[name]), None)
     parent, _, param = name.rpartition(".")
     n_experts, n_in, n_out = experts_shape(modules[parent], param)
     return n_in, n_out, n_experts
@@ -88,12 +132,12 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
 
     A fused expert parameter (``model.layers.0.mlp.experts.gate_up_proj``) is named by its path, as PEFT's
     ``target_parameters`` names it; "all-linear" selects every one of them, routers and gates never.
+    transformers ``Conv1D`` layers (GPT-2) count as linears (:func:`wrap_targets` turns each into an ``nn.Linear``).
 
     Raises:
-        TypeError: a selected layer is a transformers Conv1D (GPT-2 style) layer.
         ValueError: nothing matches; the message lists the model's linear layers.
     """
-    linear_names, conv_names, targets = [], [], []
+    linear_names, targets = [], []
     skip = output_layer_names(model)
 
     def select(name: str, default: bool) -> None:
@@ -107,17 +151,10 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
                 if isinstance(getattr(module, param), nn.Parameter):
                     select(f"{name}.{param}", True)
             continue
-        is_conv = isinstance(module, Conv1D)
-        if not (quant.is_linear(module) or is_conv):
+        if not (quant.is_linear(module) or is_conv1d(module)):
             continue
-        (conv_names if is_conv else linear_names).append(name)
+        linear_names.append(name)
         select(name, name not in skip and not is_router(name))
-    bad_conv = [n for n in targets if n in conv_names]
-    if bad_conv:
-        raise TypeError(
-            f"{', '.join(bad_conv)}: transformers Conv1D layers (weight stored in×out) are not supported; "
-            "exclude them with exclude_modules=[...] or use a model with nn.Linear projections"
-        )
     if not targets:
         raise InputError(
             f"{spelled('target_modules')}={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
@@ -197,8 +234,9 @@ def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissAdapter]]:
 
 def wrap_targets(model: nn.Module, targets: list[str], config: QMissConfig,
                  storage: Optional[torch.dtype] = None) -> None:
-    """Replace each target by a :class:`MissLinear` around it, quantizing a full-precision one first
-    (``config.bits``; 4-bit stored as ``storage``, else packed uint8), one layer at a time; a fused expert
+    """Replace each target by a :class:`MissLinear` around it, one layer at a time: a ``Conv1D`` first becomes
+    the ``nn.Linear`` it stands for (:func:`linear_from_conv1d`), and a full-precision layer is quantized
+    (``config.bits``; 4-bit stored as ``storage``, else packed uint8); a fused expert
     parameter by a :class:`MissExperts` under its name, and its experts module switched to qmiss's experts
     implementation (:mod:`qmiss.experts`)."""
     modules = dict(model.named_modules())
@@ -223,16 +261,33 @@ def wrap_targets(model: nn.Module, targets: list[str], config: QMissConfig,
             setattr(parent, child, layer)
             continue
         base = modules[name]
+        if is_conv1d(base):
+            base = linear_from_conv1d(base)
         if config.bits is not None and quant.quant_bits(base) is None:
+            source = getattr(base, "source_cls", None)
             base = quant.quantize_linear(base, config.bits, **quantized)
+            if source is not None:
+                base.source_cls = source
         base.requires_grad_(False)
         layer = MissLinear(base, r=config.rank_for(name), name=name, **settings)
         setattr(parent, child, layer)
-        del modules[name]  # drop our reference so the full-precision weight can be freed
+        del modules[name], base  # drop our references so the full-precision weight can be freed
 
 
-def _plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+def _plain_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+                  conv1d: bool = False) -> nn.Module:
+    """A frozen ``nn.Linear`` holding ``weight`` (out, in) and ``bias`` in ``dtype``; with ``conv1d``, the
+    transformers ``Conv1D`` holding them, its weight stored transposed (in, out) as its checkpoint has it."""
+    n_out, n_in = weight.shape
+    if conv1d:
+        with torch.device("meta"):
+            layer = Conv1D(n_out, n_in)
+        layer.weight = nn.Parameter(weight.t().contiguous().to(dtype), requires_grad=False)  # (in, out)
+        # Conv1D.forward adds its bias unconditionally
+        bias = bias if bias is not None else torch.zeros(n_out, dtype=dtype, device=weight.device)
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        return layer
+    linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -258,7 +313,9 @@ def _restore_implementation(model: nn.Module, layers: list[MissExperts]) -> None
 def unwrap_merged(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace every MissLinear by an ``nn.Linear`` holding dequantize(W) + ΔW, every MissExperts by the fused
     parameter it took the place of (W + ΔW per expert, in its layout), and every other quantized linear by its
-    dequantized weight, in ``dtype``, one layer at a time (merged in fp32: exact up to ``dtype``'s rounding)."""
+    dequantized weight, in ``dtype``, one layer at a time (merged in fp32: exact up to ``dtype``'s rounding). A
+    layer that stands for a ``Conv1D`` (:func:`from_conv1d`) becomes that ``Conv1D`` again, so the model saves the
+    checkpoint layout its class loads."""
     replaced: list[str] = []
     experts: list[MissExperts] = []
     for name, module in list(model.named_modules()):
@@ -270,9 +327,9 @@ def unwrap_merged(model: nn.Module, dtype: torch.dtype) -> None:
             experts.append(module)
             continue
         if isinstance(module, MissLinear):
-            linear = _plain_linear(module.merged_weight(dtype), module.bias, dtype)
+            linear = _plain_linear(module.merged_weight(dtype), module.bias, dtype, from_conv1d(module))
         elif quant.is_linear(module) and quant.quant_bits(module) is not None:
-            linear = _plain_linear(quant.dequantize(module, dtype), module.bias, dtype)
+            linear = _plain_linear(quant.dequantize(module, dtype), module.bias, dtype, from_conv1d(module))
         else:
             continue
         parent, _, child = name.rpartition(".")
@@ -283,7 +340,8 @@ def unwrap_merged(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def unwrap(model: nn.Module) -> None:
-    """Put each MissLinear's base layer (quantized as it is) back in its place. Unquantized experts get their
+    """Put each MissLinear's base layer (quantized as it is) back in its place (an unquantized one that stands for a
+    ``Conv1D`` becomes that ``Conv1D`` again, weights as they are). Unquantized experts get their
     fused parameter back; quantized experts have no transformers form, so their MissExperts stays, its adapter
     zeroed, frozen and switched off (the output is the quantized base's)."""
     experts = [layer for _, layer in miss_layers(model) if isinstance(layer, MissExperts)]
@@ -296,8 +354,11 @@ def unwrap(model: nn.Module) -> None:
                     layer.miss_block.zero_().requires_grad_(False)
                 layer.disabled = True
             continue
+        base = layer.base_layer
+        if from_conv1d(base) and quant.quant_bits(base) is None:  # the Conv1D it was made from, as it now is
+            base = _plain_linear(base.weight.detach(), base.bias, base.weight.dtype, conv1d=True)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        setattr(model.get_submodule(parent) if parent else model, child, base)
     if experts:
         _restore_implementation(model, experts)
 

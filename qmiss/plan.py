@@ -41,7 +41,7 @@ from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import adapter_shape
 from qmiss.loss import chunk_bytes_per_token, chunk_tokens
-from qmiss.model import check_targets, output_head, unreachable_weights
+from qmiss.model import check_targets, output_head, target_features, unreachable_weights
 from qmiss.offload import check_host_embeddings
 from qmiss.ops import chunk_rows
 from qmiss.prepare import fp32_upcast_modules
@@ -145,7 +145,7 @@ class _Step:
         self.embed_host = 0  # set by _weights: the input table's bytes on the host (embeddings_on_host)
 
     def shape(self, name: str) -> tuple[int, int]:
-        return self.modules[name].in_features, self.modules[name].out_features
+        return target_features(self.modules[name])
 
 
 def _weights(step: _Step) -> dict[str, int]:

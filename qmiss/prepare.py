@@ -24,8 +24,8 @@ from qmiss.config import AUTO, QMissConfig, mode_from_init_weights
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import MissLinear
 from qmiss.loss import attach_chunked_loss, check_model as check_chunked_loss
-from qmiss.model import (check_targets, miss_layers, output_head, output_layer_names, unreachable_weights,
-                         wrap_targets)
+from qmiss.model import (check_targets, miss_layers, output_head, output_layer_names, target_bits,
+                         unreachable_weights, wrap_targets)
 from qmiss.offload import attach_host_embeddings, attach_offload, check_host_embeddings
 
 PathLike = Union[str, os.PathLike]
@@ -40,7 +40,7 @@ def _loaded_compute_dtype(targets: list[nn.Module]) -> Optional[torch.dtype]:
     to prepare_qmiss to really compute in fp32 on a GPU.
     """
     for module in targets:
-        dtype = getattr(module, "compute_dtype", None) if quant.quant_bits(module) == 4 else None
+        dtype = getattr(module, "compute_dtype", None) if target_bits(module) == 4 else None
         if dtype in (torch.bfloat16, torch.float16):
             return dtype
     return None
@@ -73,7 +73,7 @@ def _resolve_bits(model: nn.Module, targets: list[str], bits: Union[int, str, No
         ValueError: ``bits`` contradicts how the model was loaded.
     """
     modules = dict(model.named_modules())
-    loaded = {quant.quant_bits(modules[n]) for n in targets if n in modules} - {None}  # experts are never loaded quantized
+    loaded = {target_bits(modules[n]) for n in targets if n in modules} - {None}  # experts are never loaded quantized
     if len(loaded) > 1:
         raise ValueError(f"the model mixes 4-bit and 8-bit target layers ({sorted(loaded)}); qmiss wraps one kind")
     if not loaded:
@@ -96,7 +96,8 @@ def _resolve_storage(
         ValueError: quant_storage without 4-bit, not a float dtype, or contradicting the loaded layers.
     """
     modules = dict(model.named_modules())
-    loaded = {quant.storage_dtype(modules[n]) for n in targets if n in modules} - {None}
+    loaded = {quant.storage_dtype(modules[n]) for n in targets if n in modules and target_bits(modules[n]) is not None}
+    loaded -= {None}
     if quant_storage is None:
         floating = {d for d in loaded if d.is_floating_point}
         return floating.pop() if len(floating) == 1 else None
