@@ -11,7 +11,7 @@ import torch
 
 from qmiss import train
 from qmiss.config import DEFAULTS, MODES
-from qmiss.inputs import InputError, exit_status, spelled_as
+from qmiss.inputs import InputError, exit_status, parse_rank_pattern, spelled_as
 from qmiss.plan import OPTIMIZERS, MiB, plan_memory
 
 USAGE = """usage: qmiss {plan,train} ...
@@ -38,7 +38,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: plan_memory's arguments and the `qmiss plan` flags that set them, for error messages.
 FLAGS = {"config": "--config", "r": "--r", "mini_r": "--mini_r", "mode": "--mode", "bits": "--bits",
-         "batch_size": "--batch", "seq_len": "--seq", "optimizer": "--optimizer"}
+         "batch_size": "--batch", "seq_len": "--seq", "optimizer": "--optimizer",
+         "rank_pattern": "--rank-pattern"}
 
 
 def plan_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,8 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--r", type=int, default=DEFAULTS.r)
     parser.add_argument("--mode", default=DEFAULTS.mode, choices=list(MODES))
     parser.add_argument("--mini_r", type=int, default=None)
+    parser.add_argument("--rank-pattern", "--rank_pattern", dest="rank_pattern", default=None,
+                        help="per-module r as qmiss-train takes it: key=r pairs (experts=16) or a JSON object")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
@@ -90,7 +93,9 @@ def _show_plan(args: argparse.Namespace) -> int:
                            gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
                            compute_dtype=DTYPES[args.compute_dtype], chunked_loss=args.chunked_loss,
                            loss_chunk_bytes=args.loss_chunk_mib * MiB, offload_activations=args.offload_activations,
-                           embeddings_on_host=args.embeddings_on_host, packing=args.packing)
+                           embeddings_on_host=args.embeddings_on_host, packing=args.packing,
+                           rank_pattern=parse_rank_pattern(args.rank_pattern, "--rank-pattern")
+                           if args.rank_pattern else None)
     if args.json:
         print(json.dumps({"peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase, "items": plan.items,
                           "settings": plan.settings, "cards": plan.cards()}, indent=2))
