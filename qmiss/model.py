@@ -54,9 +54,9 @@ def is_router(name: str) -> bool:
 
 
 def unreachable_weights(model: nn.Module) -> dict[str, int]:
-    """Matmul weights qmiss can neither quantize nor adapt yet: the fused expert weights of transformers'
-    mixture-of-experts blocks (a module whose class is an ``...Experts``, holding (experts, out, in) or
-    (experts, in, out) tensors), by name, with their sizes. ``prepare_qmiss`` warns about them."""
+    """Fused expert weights still held as 3-D parameters (an ``...Experts`` module's (experts, out, in) or
+    (experts, in, out) tensors, by name, with their sizes): after ``prepare_qmiss``, those of experts modules
+    transformers does not route through its experts interface, or left out of the targets; it warns about them."""
     found = {}
     for name, module in model.named_modules():
         if "Experts" not in type(module).__name__ or isinstance(module, (MissLinear, MissBlock)):

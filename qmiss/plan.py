@@ -370,7 +370,9 @@ def plan_memory(
     compute_dtype = s.compute_dtype or FRONT_END_DEFAULTS["plan_memory"]["compute_dtype"]
     hf_config = load_hf_config(config, spelled("config"))
     model = meta_model(hf_config)
-    step = _Step(s, bits, hf_config, model, check_targets(model, s), batch_size, seq_len, packing,
+    # fused experts are not modelled yet: they are left out of the targets and counted as 16-bit weights (a note says so)
+    linear_targets = [n for n in check_targets(model, s) if n in dict(model.named_modules())]
+    step = _Step(s, bits, hf_config, model, linear_targets, batch_size, seq_len, packing,
                  e=torch.finfo(compute_dtype).bits // 8, e_base=torch.finfo(base_dtype or compute_dtype).bits // 8)
 
     # static: the frozen model, the adapters, the optimizer
@@ -429,9 +431,9 @@ def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
              f"{'checkpointing' if s.gradient_checkpointing else 'no checkpointing'})"]
     left = unreachable_weights(step.model)
     if left:
-        notes.append(f"{len(left)} matmul weights qmiss cannot quantize or adapt yet (fused mixture-of-experts "
-                     f"experts: {few(sorted(left), 2)}) counted unquantized and frozen, "
-                     f"{sum(left.values()) * step.e_base / GiB:.2f} GiB")
+        notes.append(f"{len(left)} fused mixture-of-experts weights ({few(sorted(left), 2)}) counted unquantized, "
+                     f"without adapters, {sum(left.values()) * step.e_base / GiB:.2f} GiB: the planner does not "
+                     "model quantized experts yet, so this plan is high for MoE models")
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
     if s.embeddings_on_host:
