@@ -371,7 +371,8 @@ def plan_memory(
     hf_config = load_hf_config(config, spelled("config"))
     model = meta_model(hf_config)
     # fused experts are not modelled yet: they are left out of the targets and counted as 16-bit weights (a note says so)
-    linear_targets = [n for n in check_targets(model, s) if n in dict(model.named_modules())]
+    names = {name for name, _ in model.named_modules()}
+    linear_targets = [n for n in check_targets(model, s) if n in names]
     step = _Step(s, bits, hf_config, model, linear_targets, batch_size, seq_len, packing,
                  e=torch.finfo(compute_dtype).bits // 8, e_base=torch.finfo(base_dtype or compute_dtype).bits // 8)
 
