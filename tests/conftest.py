@@ -9,12 +9,51 @@ from tests.helpers import tiny_llama, write_pairs
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_architecture_grid(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker: gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _deselect_architecture_grid(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The architecture grid (marker: architectures) runs whole only when ``-m`` names it; otherwise only the
+    cases marked ``architectures(default=True)`` run (tests/test_architectures.py's DEFAULT_SUBSET)."""
+    if "architectures" in (config.getoption("markexpr") or ""):
+        return
+    kept, dropped = [], []
+    for item in items:
+        mark = item.get_closest_marker("architectures")
+        (dropped if mark is not None and not mark.kwargs.get("default") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line on the architecture grid (tests/test_architectures.py): how many architectures ran, passed and
+    were skipped (every case in SKIP), how many cases were skipped, and the largest share of matmul weights a
+    passing case left in floating point."""
+    cases: dict[str, dict[str, str]] = {}  # model type -> {case id: outcome}
+    shares = []  # of the matmul weights left in float, per passing case
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "::test_architecture[" in report.nodeid and (report.when == "call" or outcome != "passed"):
+                case = report.nodeid.split("[", 1)[1].rstrip("]")
+                cases.setdefault(case.rsplit("-", 2)[0], {})[case] = outcome
+                if outcome == "passed":
+                    shares += [value for key, value in report.user_properties if key == "float_share"]
+    if not cases:
+        return
+    ran = {t for t, c in cases.items() if set(c.values()) - {"skipped"}}
+    failed = {t for t in ran if "failed" in cases[t].values()}
+    skipped_cases = sum(list(c.values()).count("skipped") for c in cases.values())
+    terminalreporter.write_line(
+        f"architectures: {len(ran)} ran ({len(ran) - len(failed)} passed, {len(failed)} failed), "
+        f"{len(cases) - len(ran)} skipped; {skipped_cases} cases skipped (tests/test_architectures.py SKIP); "
+        f"at most {max(shares, default=0):.2%} of a passing model's matmul weights left in float (routers)")
 
 
 @pytest.fixture(autouse=True)
