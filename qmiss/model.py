@@ -43,23 +43,56 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
 
 
-#: last name parts of mixture-of-experts routers and gates: linears whose few outputs pick or weigh experts.
+#: name parts of mixture-of-experts routers and gates: linears whose few outputs pick or weigh experts.
 #: "all-linear" leaves them alone (16-bit, frozen), as transformers' bitsandbytes integration does.
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def is_router(name: str) -> bool:
-    """Whether the module at ``name`` is a mixture-of-experts router or gate (see :data:`ROUTER_NAMES`)."""
-    return name.split(".")[-1] in ROUTER_NAMES
+    """Whether the module at ``name`` is a mixture-of-experts router or gate (see :data:`ROUTER_NAMES`), or a
+    linear inside one (HunYuan's ``mlp.gate.wg``, JetMoE's ``router.layer``, LongCat's ``router.classifier``)."""
+    return any(part in ROUTER_NAMES for part in name.split("."))
+
+
+def keeps_in_float(model: nn.Module, name: str) -> bool:
+    """Whether the model class asks to keep the module at ``name`` in floating point when quantized
+    (``_keep_in_fp32_modules``, e.g. DeepSeek-V3.2's ``indexer.weights_proj``, whose dtype its forward reads):
+    transformers' bitsandbytes loader leaves those unconverted, and "all-linear" leaves them alone too. A key
+    matches as transformers matches it: from the start up to a module boundary, as a regex, or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    keys = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(re.match(rf"(?:{key}){boundary}", name) or name.endswith(key) for key in keys)
+
+
+#: ``nn.Linear`` subclasses with a forward of their own that is still the plain product x·Wᵀ + b (Falcon's)
+PLAIN_FORWARD = ("FalconLinear",)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes x·Wᵀ + b and nothing else, so a quantized linear can stand in for it: an
+    ``nn.Linear`` that keeps ``nn.Linear.forward`` (or :data:`PLAIN_FORWARD`'s), or a bitsandbytes linear.
+    A subclass with its own forward (DeepSeek-V4's grouped, block-diagonal ``o_a_proj``) is not."""
+    if not quant.is_linear(module):
+        return False
+    return (type(module).forward is nn.Linear.forward or quant.quant_bits(module) is not None
+            or type(module).__name__ in PLAIN_FORWARD)
 
 
 def unreachable_weights(model: nn.Module) -> dict[str, int]:
-    """Fused expert weights still held as 3-D parameters (an ``...Experts`` module's (experts, out, in) or
-    (experts, in, out) tensors, by name, with their sizes): after ``prepare_qmiss``, those of experts modules
-    transformers does not route through its experts interface, or left out of the targets; it warns about them."""
-    found = {}
+    """Matmul weights no qmiss layer can hold, by name, with their sizes: fused expert weights still held as
+    3-D parameters (an ``...Experts`` module's (experts, out, in) or (experts, in, out) tensors: experts modules
+    transformers does not route through its experts interface, or left out of the targets), and the weights of
+    linears with a forward of their own (:func:`is_plain_linear`), routers and the output head aside.
+    ``prepare_qmiss`` warns about them."""
+    found, heads = {}, set(output_layer_names(model))
     for name, module in model.named_modules():
-        if "Experts" not in type(module).__name__ or isinstance(module, (MissLinear, MissBlock)):
+        if isinstance(module, (MissLinear, MissBlock)):
+            continue
+        if quant.is_linear(module) and not is_plain_linear(module):
+            if name not in heads and not is_router(name) and not keeps_in_float(model, name):
+                found[f"{name}.weight"] = module.weight.numel()
+            continue
+        if "Experts" not in type(module).__name__:
             continue
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() >= 2 and param.is_floating_point() and not param_name.endswith("bias"):
@@ -151,10 +184,10 @@ def find_targets(model: nn.Module, config: QMissConfig) -> list[str]:
                 if isinstance(getattr(module, param), nn.Parameter):
                     select(f"{name}.{param}", True)
             continue
-        if not (quant.is_linear(module) or is_conv1d(module)):
+        if not (is_plain_linear(module) or is_conv1d(module)):
             continue
         linear_names.append(name)
-        select(name, name not in skip and not is_router(name))
+        select(name, name not in skip and not is_router(name) and not keeps_in_float(model, name))
     if not targets:
         raise InputError(
             f"{spelled('target_modules')}={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "

@@ -324,3 +324,45 @@ def test_deepseek_v3_in_8bit_evaluates() -> None:
     with torch.no_grad():
         eval_loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(eval_loss) and abs(float(eval_loss) - float(train_loss)) < 0.05
+
+
+def test_linears_inside_a_router_stay_16bit() -> None:
+    """A router built of linears (HunYuan's mlp.gate.wg, JetMoE's router.layer, LongCat's router.classifier) is
+    a router: none of its linears is an "all-linear" target; a gate_proj is no router."""
+    from qmiss.model import is_router
+
+    assert all(is_router(n) for n in ("model.layers.0.mlp.gate.wg", "model.layers.0.mlp.router.classifier",
+                                      "model.layers.0.mlp.gate", "layers.1.mlp.gate.router_mlp.out_proj"))
+    assert not any(is_router(n) for n in ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.experts.gate_up_proj",
+                                          "model.layers.0.self_attn.g_proj"))
+
+
+def test_modules_the_model_keeps_in_fp32_stay_16bit() -> None:
+    """transformers' bitsandbytes loader leaves a class's _keep_in_fp32_modules unconverted (DeepSeek-V3.2 reads
+    indexer.weights_proj's dtype); prepare_qmiss leaves them too, and names no warning for them."""
+    model = tiny_llama()
+    model._keep_in_fp32_modules = ["self_attn.o_proj"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="prepare_qmiss")
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+    adapted = [name for name, _ in qmiss.miss_layers(model)]
+    assert adapted and not [n for n in adapted if n.endswith("o_proj")]
+    assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear
+
+
+def test_a_linear_with_its_own_forward_is_left_and_named() -> None:
+    """An nn.Linear subclass with a forward of its own (DeepSeek-V4's grouped o_a_proj) is no plain product: a
+    quantized linear cannot stand in for it, so it stays 16-bit and the warning names it."""
+
+    class Grouped(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = tiny_llama()
+    o_proj = model.model.layers[1].self_attn.o_proj
+    model.model.layers[1].self_attn.o_proj = Grouped(o_proj.in_features, o_proj.out_features, bias=False)
+    with pytest.warns(UserWarning, match=r"prepare_qmiss: 1 matmul weight\(s\) .* — "
+                                         r"model\.layers\.1\.self_attn\.o_proj\.weight: \d+%.*own"):
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+    assert type(model.model.layers[1].self_attn.o_proj) is Grouped
+    assert isinstance(model.model.layers[0].self_attn.o_proj, MissLinear)
