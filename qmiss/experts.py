@@ -44,6 +44,19 @@ def expert_params(module: nn.Module) -> list[str]:
     return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
 
 
+def experts_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
+    """(experts, in_features, out_features) of one fused expert parameter (``is_transposed``: stored (E, in, out))."""
+    n_experts, a, b = getattr(module, param).shape
+    return (n_experts, a, b) if module.is_transposed else (n_experts, b, a)
+
+
+def activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """What an experts module applies between its two projections: its gate on ``gate_up_proj``'s output
+    (SwiGLU halves, or gpt-oss's clamped interleaved gate), or its activation on ``up_proj``'s;
+    (S, 2I or I) -> (S, I)."""
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"qmiss"`` experts implementation (transformers calls it as the module's forward).
@@ -72,7 +85,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     h = _project(self, up, x, counts)
     if self.has_bias:
         h = h + getattr(self, f"{up_name}_bias")[expert_ids].to(h.dtype)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    h = activate(self, h)
     out = _project(self, down, h, counts)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids].to(out.dtype)
@@ -97,3 +110,72 @@ def _project(self: nn.Module, projection: nn.Module | torch.Tensor, x: torch.Ten
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+
+
+# --- what experts_forward holds in a training step: the model qmiss.plan counts (checked in tests/test_plan.py) ---
+
+
+def gate_bytes_per_row(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes :func:`activate` keeps for backward per routed row, its input included (SwiGLU halves: the input and
+    act(gate), 3·I values; gpt-oss's clamped gate: 6·I). Read from the module's own gate (a function of its
+    flags, no weights: a meta-device module will do) run on one row."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    width = experts_shape(module, expert_params(module)[0])[2]
+    row = torch.zeros(1, width, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = activate(module, row)  # its graph keeps every saved storage alive, so no address is counted twice
+    del out
+    return sum(saved.values())
+
+
+def saved_bytes(module: nn.Module, tokens: int, top_k: int, dtype: torch.dtype, ranks: dict[str, int],
+                mode: str) -> int:
+    """What :func:`experts_forward` saves for backward, for ``tokens`` routed to ``top_k`` experts each (S rows).
+
+    Per routed row: the sorted input copy, what the gate keeps (:func:`gate_bytes_per_row`, the up projection's
+    output included), the down projection's input and its output (kept by the routing-weight product), the
+    routing weight, three int64 index vectors (the sort, the gather, the inverse). Per token: the router's fp32
+    probabilities over the experts and its top-k. Per adapted projection (``ranks``: parameter -> r): each
+    expert's shard sums (default, mini) and each expert's adapter in ``dtype`` (a copy unless that is fp32 and the
+    adapter is used as it is).
+    """
+    e = torch.finfo(dtype).bits // 8
+    params = expert_params(module)
+    (n_experts, hidden, _), (_, inter, _) = (experts_shape(module, p) for p in params)
+    rows = tokens * top_k
+    saved = rows * (e * (2 * hidden + inter) + gate_bytes_per_row(module, dtype) + e + 3 * 8)
+    saved += tokens * (4 * n_experts + 16 * top_k)
+    for param, r in ranks.items():
+        n_out = experts_shape(module, param)[2]
+        if mode != "bat":
+            saved += rows * r * e
+        if e < 4 or mode == "mini":  # (r, out) per expert, mini's tiled; bat's (out/r, r, r) is as many values
+            saved += n_experts * r * n_out * e
+    return saved
+
+
+def backward_bytes(module: nn.Module, tokens: int, top_k: int, dtype: torch.dtype, held: dict[str, int]) -> int:
+    """The most :func:`experts_forward`'s backward holds beyond what it saved, at the worst of three moments.
+
+    Its start: the un-permuted output's gradient, scattered into a zeroed (S, hidden), then the routing-weight
+    product's gradients (2 S × hidden). The down projection, where its input's gradient is gathered over the
+    experts (:class:`~qmiss.layer.MissExperts` slices one expert's rows at a time): a running (S, I) sum, and
+    either one expert's full-size slice gradient with the new sum (2 S × I) or, while an expert is differentiated,
+    what it holds (``held``: parameter -> :func:`qmiss.layer.expert_backward_bytes`, 0 if not adapted); the output's
+    gradient takes the place of the output it frees. The up projection: the same over hidden, with its output's
+    gradient alive and the gate's tensors, the down input and output freed.
+    """
+    e = torch.finfo(dtype).bits // 8
+    up, down = expert_params(module)
+    (_, hidden, up_out), (_, inter, _) = experts_shape(module, up), experts_shape(module, down)
+    rows = tokens * top_k
+    start = 2 * rows * hidden * e
+    at_down = rows * inter * e + max(2 * rows * inter * e, held.get(down, 0))
+    freed = rows * (gate_bytes_per_row(module, dtype) + e * (inter + hidden))
+    at_up = rows * e * (up_out + hidden) + max(2 * rows * hidden * e, held.get(up, 0)) - freed
+    return max(start, at_down, at_up)

@@ -38,6 +38,28 @@ def shape_problem(n_in: int, n_out: int, r: int, mode: str, mini_r: int | None =
     return None
 
 
+def expert_chunk_rows(n_in: int, n_out: int, r: int, mode: str, bits: int | None, budget_bytes: int,
+                      itemsize: int) -> int:
+    """Rows of one expert's (out, in) weight :class:`MissExperts` dequantizes at once: whole r-row blocks for bat,
+    any rows else, starting on whole 4-bit blocks (:func:`qmiss.quant.expert_row_alignment`), within the chunk
+    budget (:func:`qmiss.ops.chunk_rows`)."""
+    unit = r if mode == "bat" else 1
+    return ops.chunk_rows(n_out, n_in, unit, quant.expert_row_alignment(n_in, bits), budget_bytes, itemsize)
+
+
+def expert_backward_bytes(n_in: int, n_out: int, r: int, mode: str, bits: int | None, budget_bytes: int,
+                          itemsize: int, rows: int) -> int:
+    """Bytes one expert's projection holds at once in backward (:class:`qmiss.ops.BatLinear` on ``rows`` routed
+    tokens, as :meth:`MissExperts._experts` calls it): the dequantized chunk and the W' buffer, the input gradient
+    and that gradient with the adapter term added, and in 16 bits over several chunks the fp32 dx sum (+ on CUDA
+    each chunk's fp32 product)."""
+    chunk = expert_chunk_rows(n_in, n_out, r, mode, bits, budget_bytes, itemsize)
+    held = 2 * chunk * n_in * itemsize + 2 * rows * n_in * itemsize
+    if itemsize < 4 and chunk < n_out:
+        held += 8 * rows * n_in
+    return held
+
+
 class MissBlock(nn.Module):
     """The adapter tensor alone, as a leaf module's ``weight``.
 
@@ -373,10 +395,8 @@ class MissExperts(MissAdapter):
     def _experts(self, x: torch.Tensor, counts: list[int], block: torch.Tensor | None) -> torch.Tensor:
         dtype = self.compute_dtype
         x = x.to(dtype)
-        unit = self.r if self.mode == "bat" else 1
-        chunk = ops.chunk_rows(self.out_features, self.in_features, unit,
-                               quant.expert_row_alignment(self.in_features, self.bits), self.bat_chunk_bytes,
-                               torch.finfo(dtype).bits // 8)
+        chunk = expert_chunk_rows(self.in_features, self.out_features, self.r, self.mode, self.bits,
+                                  self.bat_chunk_bytes, torch.finfo(dtype).bits // 8)
         # one unbind, not a select per expert: each select's backward would allocate and zero a whole-block gradient
         blocks = block.to(dtype).unbind(0) if block is not None else None
         outputs, start = [], 0

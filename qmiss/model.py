@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qmiss import quant
 from qmiss.config import QMissConfig, pattern_key
-from qmiss.experts import IMPLEMENTATION, expert_params, is_experts_module
+from qmiss.experts import IMPLEMENTATION, expert_params, experts_shape, is_experts_module
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import MissAdapter, MissBlock, MissExperts, MissLinear, shape_problem
 
@@ -142,12 +142,6 @@ def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
         linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
     linear.source_cls = type(conv)
     return linear
-
-
-def experts_shape(module: nn.Module, param: str) -> tuple[int, int, int]:
-    """(experts, in_features, out_features) of one fused expert parameter (``is_transposed``: stored (E, in, out))."""
-    n_experts, a, b = getattr(module, param).shape
-    return (n_experts, a, b) if module.is_transposed else (n_experts, b, a)
 
 
 def target_shape(modules: dict[str, nn.Module], name: str) -> tuple[int, int, Optional[int]]:

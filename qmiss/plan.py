@@ -16,12 +16,18 @@ would adapt, and adds up what a training step holds at its worst moment:
 The activation counts follow transformers' Llama-family decoder layer (RMSNorm,
 rotary attention through SDPA, gated MLP), which Llama, Mistral, Qwen2 and SmolLM
 share; they are checked against :func:`qmiss.measure_peak` in the tests.
+A layer with a fused experts module (Mixtral, Qwen3-MoE, gpt-oss) counts qmiss's experts
+block in place of the dense MLP: tokens sorted by expert (S = tokens · top_k routed rows),
+one expert's weight chunk dequantized at a time (what it keeps is stated in
+:mod:`qmiss.experts`); expert weights and adapters are lines of their own, each target
+with its ``rank_pattern`` r. A model built with eager attention (gpt-oss: SDPA cannot take
+its sinks) keeps batch × heads × seq² scores per layer.
 
-Why one file of ~450 lines: it is one model of one training step. Each part (:func:`_weights`,
+Why one file of ~650 lines: it is one model of one training step. Each part (:func:`_weights`,
 :func:`_adapters`, :func:`_optimizer`, :func:`_activations`, :func:`_layer_backward`, :func:`_loss`) is a
 function that reads as the plan's printed lines, and they share the step's shapes and byte sizes
-(:class:`_Step`); the rules they apply (adapter shapes, stored bytes, alignment, the fp32 up-cast) come
-from the modules that own them.
+(:class:`_Step`); the rules they apply (adapter shapes, stored bytes, alignment, the fp32 up-cast, what an
+experts block keeps) come from the modules that own them.
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qmiss import quant
+from qmiss import experts, quant
 from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
+from qmiss.experts import expert_params, experts_shape, is_experts_module
 from qmiss.inputs import InputError, few, spelled
-from qmiss.layer import adapter_shape
+from qmiss.layer import adapter_shape, expert_backward_bytes
 from qmiss.loss import chunk_bytes_per_token, chunk_tokens
-from qmiss.model import check_targets, output_head, target_features, unreachable_weights
+from qmiss.model import check_targets, output_head, target_shape, unreachable_weights
 from qmiss.offload import check_host_embeddings
 from qmiss.ops import chunk_rows
 from qmiss.prepare import fp32_upcast_modules
@@ -121,11 +128,12 @@ class _Step:
     batch: int
     seq: int
     packing: bool
-    e: int  # bytes per value of the compute dtype
+    compute_dtype: torch.dtype
     e_base: int  # bytes per value of the dtype the model is loaded in
 
     def __post_init__(self) -> None:
         c, s = self.hf_config, self.settings
+        self.e = torch.finfo(self.compute_dtype).bits // 8  # bytes per value of the compute dtype
         self.modules = dict(self.model.named_modules())
         self.tokens = self.batch * self.seq
         self.layers = _decoder_layers(self.model)
@@ -133,7 +141,7 @@ class _Step:
         n_heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or self.hidden // n_heads
         n_kv = getattr(c, "num_key_value_heads", None) or n_heads
-        self.n_heads, self.q_width, self.kv_width = n_heads, n_heads * head_dim, n_kv * head_dim
+        self.n_heads, self.n_kv, self.q_width, self.kv_width = n_heads, n_kv, n_heads * head_dim, n_kv * head_dim
         self.inter = getattr(c, "intermediate_size", None) or 4 * self.hidden
         upcast = self.bits is not None and s.fp32_norms
         self.norm_e = 4 if upcast else self.e_base  # upcast norms compute and return fp32
@@ -143,21 +151,54 @@ class _Step:
         self.tied = self.head is not None and self.head.weight is self.model.get_input_embeddings().weight
         self.e_head = self.e_base  # set by _weights: the head's bytes per value
         self.embed_host = 0  # set by _weights: the input table's bytes on the host (embeddings_on_host)
+        # (in, out, experts) of every target: one expert's (in, out) for a fused expert parameter, experts None
+        # for a linear
+        self.shapes = {n: target_shape(self.modules, n) for n in self.targets}
+        self.linears = [n for n in self.targets if self.shapes[n][2] is None]
+        self.expert_targets = [n for n in self.targets if self.shapes[n][2] is not None]
+        experts_modules = [n for n, m in self.modules.items() if is_experts_module(m)]
+        # each decoder layer's experts modules (transformers' fused ones; none in a dense layer)
+        self.blocks = {layer: [n for n in experts_modules if n.startswith(layer + ".")] for layer in self.layers}
+        # the attention transformers picked when it built the model (config._attn_implementation, set by
+        # PreTrainedModel._check_and_adjust_attn_implementation): SDPA where the model supports it, else eager
+        # (gpt-oss, whose attention sinks SDPA cannot take)
+        self.eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
+        self.sinks = any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in self.modules.values())
 
     def shape(self, name: str) -> tuple[int, int]:
-        return target_features(self.modules[name])
+        """(in_features, out_features) of a target; one expert's for a fused expert parameter."""
+        return self.shapes[name][:2]
+
+    def in_layer(self, names: list[str], layer: Optional[str]) -> list[str]:
+        """The ``names`` under the decoder layer ``layer`` (none for None)."""
+        return [n for n in names if layer is not None and n.startswith(layer + ".")]
 
 
 def _weights(step: _Step) -> dict[str, int]:
     """The frozen model: the packed weights and their quantization state (as :func:`qmiss.quant.stored_bytes`
     counts them), the embeddings and head, the norms, each in the dtype ``prepare_qmiss`` leaves it."""
-    s, modules, targets, e_base = step.settings, step.modules, step.targets, step.e_base
+    s, modules, e_base = step.settings, step.modules, step.e_base
     items: dict[str, int] = {}
-    quantized = sum(quant.stored_bytes(*step.shape(n), step.bits, s.double_quant, e_base) for n in targets)
-    biases = sum(modules[n].bias.numel() * e_base for n in targets if modules[n].bias is not None)
+    quantized = sum(quant.stored_bytes(*step.shape(n), step.bits, s.double_quant, e_base) for n in step.linears)
+    biases = sum(modules[n].bias.numel() * e_base for n in step.linears if modules[n].bias is not None)
     label = {4: "4-bit weights + quant state", 8: "8-bit weights + row scales",
              None: "16-bit target weights"}[step.bits]
     items[label] = quantized + biases
+    target_params = {id(p) for n in step.linears for p in modules[n].parameters()}
+    if step.expert_targets:
+        # quantize_experts stacks a parameter's experts as the rows of one (experts·out, in) layer
+        stacked = sum(quant.stored_bytes(n_in, n_experts * n_out, step.bits, s.double_quant, e_base)
+                      for n_in, n_out, n_experts in (step.shapes[n] for n in step.expert_targets))
+        weights = [_parameter(step, n) for n in step.expert_targets]
+        # the experts' biases (gpt-oss's gate_up_proj_bias, down_proj_bias) stay in the model's dtype beside them
+        parents = (n.rpartition(".") for n in step.expert_targets)
+        expert_biases = [b for parent, _, param in parents
+                         if isinstance(b := getattr(modules[parent], f"{param}_bias", None), nn.Parameter)]
+        label = {4: "4-bit experts + quant state", 8: "8-bit experts + row scales", None: "16-bit target experts"}
+        items[label[step.bits] + (" + biases" if expert_biases else "")] = (
+            stacked + sum(b.numel() * e_base for b in expert_biases))
+        target_params |= {id(p) for p in weights + expert_biases}
+    left_out = {id(_parameter(step, n)) for n in _experts_left_out(step)}
 
     upcast = set()
     if step.bits is not None and s.fp32_norms:  # the rule prepare_qmiss applies (QLoRA's habit, on request)
@@ -168,14 +209,15 @@ def _weights(step: _Step) -> dict[str, int]:
     if s.chunked_loss and not step.tied and step.e < 4:  # prepare_qmiss casts an fp32 head to a 16-bit compute dtype
         e_head = min(e_head, step.e)
     step.e_head = e_head
-    target_params = {id(p) for n in targets for p in modules[n].parameters()}
-    seen, embed_head, norms, other = set(), 0, 0, 0
+    seen, embed_head, norms, other, experts_16bit = set(), 0, 0, 0, 0
     for name, param in step.model.named_parameters(remove_duplicate=True):
         if id(param) in target_params or id(param) in seen:
             continue
         seen.add(id(param))
         size = param.numel() * (e_head if id(param) in head_ids else 4 if id(param) in upcast else e_base)
-        if "norm" in name:
+        if id(param) in left_out:
+            experts_16bit += size
+        elif "norm" in name:
             norms += size
         elif param.dim() == 2 and step.vocab in param.shape:
             embed_head += size
@@ -187,14 +229,40 @@ def _weights(step: _Step) -> dict[str, int]:
     else:
         items["embeddings + lm_head" + (" (tied)" if step.tied else "")] = embed_head
     items["norms and other unquantized"] = norms + other
+    if experts_16bit:
+        items["experts left unquantized (not targets)"] = experts_16bit
     return items
 
 
+def _parameter(step: _Step, name: str) -> nn.Parameter:
+    """The fused expert parameter at ``name`` (``<experts module>.<parameter>``)."""
+    parent, _, param = name.rpartition(".")
+    return getattr(step.modules[parent], param)
+
+
+def _experts_left_out(step: _Step) -> list[str]:
+    """Fused expert weights no target holds: excluded by the settings, or of an experts module transformers does
+    not route through its experts interface (DBRX's); they stay in the model's dtype, frozen. (Linears with a
+    forward of their own, which :func:`~qmiss.model.unreachable_weights` names too, count with the other
+    16-bit weights.)"""
+    return sorted(n for n in unreachable_weights(step.model)
+                  if n not in step.shapes and not quant.is_linear(step.modules[n.rpartition(".")[0]]))
+
+
 def _adapters(step: _Step) -> tuple[dict[str, int], list[int]]:
-    """The fp32 adapters (each the shape :func:`qmiss.layer.adapter_shape` gives) and their sizes in values."""
+    """The fp32 adapters (each the shape :func:`qmiss.layer.adapter_shape` gives for the target's r, one per
+    expert for a fused expert parameter) and their sizes in values, one per tensor."""
     s = step.settings
-    sizes = [math.prod(adapter_shape(step.shape(n)[1], s.r, s.mode, s.mini_r)) for n in step.targets]
-    return {"adapters (fp32)": 4 * sum(sizes)}, sizes
+
+    def size(name: str) -> int:
+        _, n_out, n_experts = step.shapes[name]
+        return (n_experts or 1) * math.prod(adapter_shape(n_out, s.rank_for(name), s.mode, s.mini_r))
+
+    linears, experts = [size(n) for n in step.linears], [size(n) for n in step.expert_targets]
+    items = {"adapters (fp32)": 4 * sum(linears)}
+    if experts:
+        items["expert adapters (fp32)"] = 4 * sum(experts)
+    return items, linears + experts
 
 
 def _optimizer(sizes: list[int], optimizer: str) -> dict[str, int]:
@@ -207,27 +275,104 @@ def _optimizer(sizes: list[int], optimizer: str) -> dict[str, int]:
     return {f"optimizer states ({optimizer})": states}
 
 
-def _layer_activations(step: _Step) -> int:
-    """What one decoder layer saves for backward (autograd and bitsandbytes), Llama-style."""
+def _layer_activations(step: _Step, layer: Optional[str]) -> int:
+    """What one decoder layer saves for backward (autograd and bitsandbytes), Llama-style; in a layer with an
+    experts module, the mixture-of-experts block's (:func:`_moe_activations`) in place of the dense MLP's."""
     s, tokens, hidden, e, e_act = step.settings, step.tokens, step.hidden, step.e, step.e_act
-    q_width, kv_width, inter = step.q_width, step.kv_width, step.inter
-    per_layer_targets = [n for n in step.targets if n.startswith(step.layers[0] + ".")] if step.layers else []
+    q_width, kv_width = step.q_width, step.kv_width
+    blocks = step.blocks.get(layer, [])
+    inter = _dense_width(step, layer) if blocks else step.inter
     norms_saved = 2 * tokens * (hidden * 4 + 4)  # each RMSNorm keeps its input in fp32 and the inverse rms
-    # q, k, v, the output and the log-sum-exp
-    attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * step.batch * step.n_heads * step.seq
-    if step.packing:
-        # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
-        # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
-        attention += step.batch * step.seq * step.seq * e_act + 2 * tokens * e_act * (q_width - kv_width)
-    mlp = tokens * e_act * 3 * inter  # gate, up, act(gate)
+    names = [n for n in step.modules if layer is not None and n.startswith(layer + ".")]
+    if any(n.endswith(".q_norm") for n in names):  # Qwen3's per-head norms of q and k: the same, per head
+        norms_saved += tokens * 4 * (q_width + step.n_heads + kv_width + step.n_kv)
+    if step.eager:
+        # transformers' eager_attention_forward: q, k and v repeated to every query head, the output, and the
+        # probabilities, in fp32 and in q's dtype (with attention sinks, gpt-oss's: one softmax in q's dtype)
+        attention = tokens * e_act * 4 * q_width + _attention_scores(step) * (
+            e_act if step.sinks else 4 + (e_act if e_act < 4 else 0))
+    else:
+        # q, k, v, the output and the log-sum-exp
+        attention = tokens * e_act * (2 * q_width + 2 * kv_width) + 4 * step.batch * step.n_heads * step.seq
+        if step.packing:
+            # with a mask, SDPA saves it as a float mask of the compute dtype, and transformers repeats k and v to
+            # every query head (it uses SDPA's own grouped-query path only without a mask; sdpa_attention.py)
+            attention += step.batch * step.seq * step.seq * e_act + 2 * tokens * e_act * (q_width - kv_width)
+    mlp = _mlp_activations(step, layer)
     extra = 0
     if s.mode == "bat" or step.bits == 8:  # inputs kept: the norms' outputs (shared by their projections), down's input
-        extra = tokens * (2 * hidden * (4 if step.bits == 8 else e_act) + inter * e_act)
+        # (the MLP's norm output is no linear's input where experts alone read it: the router keeps nothing of it
+        # and the experts keep their own sorted copy)
+        norm_outputs = 2 if inter else 1
+        extra = tokens * (norm_outputs * hidden * (4 if step.bits == 8 else e_act) + inter * e_act)
         if s.mode == "bat" and step.bits is not None and e != step.norm_e:  # each projection casts the fp32 norm output
             extra += tokens * hidden * e * 3
-    if s.mode != "bat":
-        extra += tokens * e * s.r * len(per_layer_targets)  # the shard sums Σ_j x_j each adapter keeps
+    if s.mode != "bat":  # the shard sums Σ_j x_j each adapter keeps
+        extra += tokens * e * sum(s.rank_for(n) for n in step.in_layer(step.linears, layer))
     return norms_saved + attention + mlp + extra
+
+
+def _mlp_activations(step: _Step, layer: Optional[str]) -> int:
+    """What a layer's MLP saves: gate, up and act(gate) of a dense (or shared experts') MLP, and the
+    mixture-of-experts block's (:func:`_moe_activations`)."""
+    blocks = step.blocks.get(layer, [])
+    inter = _dense_width(step, layer) if blocks else step.inter
+    return step.tokens * step.e_act * 3 * inter + sum(_moe_activations(step, block) for block in blocks)
+
+
+def _attention_scores(step: _Step) -> int:
+    """Values of one layer's attention scores, batch × heads × seq² (eager attention makes them)."""
+    return step.batch * step.n_heads * step.seq * step.seq
+
+
+def _dense_width(step: _Step, layer: Optional[str]) -> int:
+    """The gated MLP width beside a layer's experts: its shared experts' ``up_proj`` linears (Qwen2-MoE's
+    ``shared_expert``, DeepSeek's ``shared_experts``), 0 where the experts are the whole MLP (Mixtral)."""
+    return sum(m.out_features for n, m in step.modules.items()
+               if layer is not None and n.startswith(layer + ".") and n.endswith("up_proj") and quant.is_linear(m))
+
+
+def _top_k(step: _Step, block: str) -> int:
+    """Experts per token in the block of the experts module ``block``: the config's ``num_experts_per_tok``, else the
+    ``top_k`` of the block's router."""
+    k = getattr(step.hf_config, "num_experts_per_tok", None)
+    if not k:
+        parent = step.modules[block.rpartition(".")[0]]
+        k = next((m.top_k for m in parent.modules() if isinstance(getattr(m, "top_k", None), int)), 1)
+    return k
+
+
+def _moe_shapes(step: _Step, block: str) -> tuple[int, int]:
+    """(experts, routed rows S = tokens · top_k) of an experts module."""
+    module = step.modules[block]
+    return experts_shape(module, expert_params(module)[0])[0], step.tokens * _top_k(step, block)
+
+
+def _moe_activations(step: _Step, block: str) -> int:
+    """What the mixture-of-experts block of the experts module ``block`` saves (:func:`qmiss.experts.saved_bytes`),
+    each adapted projection with its r."""
+    module = step.modules[block]
+    ranks = {p: step.settings.rank_for(f"{block}.{p}") for p in expert_params(module)
+             if f"{block}.{p}" in step.shapes}
+    return experts.saved_bytes(module, step.tokens, _top_k(step, block), step.compute_dtype, ranks, step.settings.mode)
+
+
+def _expert_chunk_bytes(step: _Step, name: str) -> int:
+    """What one expert of the fused target ``name`` holds at once in backward
+    (:func:`qmiss.layer.expert_backward_bytes`), for as many rows as there are tokens: the most one expert can get
+    (each token at most once)."""
+    s = step.settings
+    n_in, n_out, _ = step.shapes[name]
+    return expert_backward_bytes(n_in, n_out, s.rank_for(name), s.mode, step.bits, s.bat_chunk_bytes, step.e,
+                                 step.tokens)
+
+
+def _moe_backward(step: _Step, block: str) -> int:
+    """The most the block's backward holds beyond what it saved (:func:`qmiss.experts.backward_bytes`)."""
+    module = step.modules[block]
+    held = {p: _expert_chunk_bytes(step, f"{block}.{p}") for p in expert_params(module)
+            if f"{block}.{p}" in step.shapes}
+    return experts.backward_bytes(module, step.tokens, _top_k(step, block), step.compute_dtype, held)
 
 
 def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
@@ -236,7 +381,8 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
     s, tokens, hidden = step.settings, step.tokens, step.hidden
     items: dict[str, int] = {}
     n_layers = len(step.layers)
-    layer_acts = _layer_activations(step)
+    per_layer = [_layer_activations(step, layer) for layer in step.layers]
+    layer_acts = max(per_layer, default=_layer_activations(step, None))  # the largest layer's
     layer_input = tokens * hidden * step.e_stream  # the residual stream, which checkpointing keeps per layer
     embed_out = tokens * hidden * (step.e_stream if step.tied else step.e_base)  # a tied, upcast head upcasts it
     host = 0
@@ -247,16 +393,17 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
             items["activations: one checkpointed layer input (the rest on the host)"] = layer_input
         else:
             items["activations: checkpointed layer inputs"] = saved
-        if step.bits == 8 and s.mode != "bat":
+        if step.bits == 8 and s.mode != "bat" and step.linears:
             # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach (and out of the
             # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive
-            held = n_layers * tokens * (2 * hidden * step.norm_e + (step.q_width + step.inter) * step.e)
+            # (experts, which qmiss's own Function computes, keep nothing past checkpointing)
+            held = sum(_bnb_8bit_held(step, layer) for layer in step.layers)
             items["8-bit: matmul inputs kept past checkpointing"] = held
             saved += held
         # while one layer is recomputed and differentiated
         in_layer = saved + layer_acts + (layer_input if s.offload_activations else 0)
     else:
-        saved = n_layers * layer_acts + embed_out
+        saved = sum(per_layer) + embed_out
         if s.offload_activations:  # every saved activation on the host; one layer's worth back at a time
             host, saved = saved, 0
             items["activations: one layer's (the rest on the host)"] = layer_acts
@@ -267,30 +414,69 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
     return items, saved, in_layer, host
 
 
+def _bnb_8bit_held(step: _Step, layer: str) -> int:
+    """The inputs one layer's 8-bit linears keep on ctx: the norm outputs that feed linears, the attention output,
+    the dense (or shared experts') down_proj input."""
+    inter = _dense_width(step, layer) if step.blocks.get(layer) else step.inter
+    return step.tokens * ((2 if inter else 1) * step.hidden * step.norm_e + (step.q_width + inter) * step.e)
+
+
 def _layer_backward(step: _Step) -> tuple[dict[str, int], int]:
     """A layer's backward peaks either inside its MLP (the gradients of gate, up and their product) or where a
     projection's input gradient is formed from its dequantized weight: bitsandbytes dequantizes the whole weight
     for that (4-bit: in the compute dtype; 8-bit: in the input's dtype, fp32 after a norm), bat one chunk pair at
-    a time. Returns the items (with the packed-sequence mask) and the bytes on top of what is saved."""
+    a time; or, in a layer with experts, inside the mixture-of-experts block (:func:`_moe_backward`), one
+    expert's weight chunk at a time. Returns the items (with the packed-sequence mask) and the bytes on top of
+    what is saved, for the layer where they are most."""
     s, tokens, e = step.settings, step.tokens, step.e
     items: dict[str, int] = {}
-    if s.mode == "bat":
+    if not step.linears:
+        weight_buffer = 0
+    elif s.mode == "bat":
         weight_buffer = _bat_chunk_bytes(step, s.bat_chunk_bytes)
         if e < 4:  # 16-bit dx is summed over the chunks in fp32: an accumulator, and on CUDA each chunk's fp32 product
-            weight_buffer += 8 * tokens * max(step.shape(n)[0] for n in step.targets)
+            weight_buffer += 8 * tokens * max(step.shape(n)[0] for n in step.linears)
         label = "bat: dequantized weight chunk (+ fp32 dx sum)" if e < 4 else "bat: dequantized weight chunk"
         items[label] = weight_buffer
     elif step.bits is not None:
-        largest = max(math.prod(step.shape(n)) for n in step.targets)
+        largest = max(math.prod(step.shape(n)) for n in step.linears)
         weight_buffer = largest * (e if step.bits == 4 else 4)
         items["backward: one dequantized weight"] = weight_buffer
     else:
         weight_buffer = 0
-    mlp_grads = tokens * step.e_act * (3 * step.inter + 2 * step.hidden)
-    at_projection = weight_buffer + tokens * step.e_act * (step.inter + 2 * step.hidden)
-    if step.packing:  # bool; every layer is handed the same one
-        items["attention mask: packed sequences (bool, batch × seq²)"] = step.batch * step.seq * step.seq
-    return items, max(mlp_grads, at_projection)
+    if step.expert_targets:
+        items["experts: one expert's weight chunk + input gradients"] = max(
+            _expert_chunk_bytes(step, n) for n in step.expert_targets)
+    worst = 0
+    for layer in step.layers or [None]:
+        blocks = step.blocks.get(layer, [])
+        inter = _dense_width(step, layer) if blocks else step.inter
+        mlp_grads = tokens * step.e_act * (3 * inter + 2 * step.hidden)
+        at_projection = weight_buffer + tokens * step.e_act * (inter + 2 * step.hidden)
+        in_experts = tokens * step.e_act * 2 * step.hidden + max((_moe_backward(step, b) for b in blocks), default=0)
+        worst = max(worst, mlp_grads, at_projection, in_experts)
+        if step.eager:
+            # eager attention's backward (its recomputed forward holds no more): the probabilities' and the
+            # scores' gradients (fp32 and q's dtype; with sinks, two in q's dtype); the MLP's tensors are freed by then
+            per_score = 2 * step.e_act if step.sinks else 4 + step.e_act
+            at_attention = (_attention_scores(step) * per_score + tokens * step.e_act * 2 * step.hidden
+                            - _mlp_activations(step, layer))
+            worst = max(worst, at_attention)
+    if step.eager:
+        items["attention masks: eager (float, batch × seq², one per kind of layer)"] = _mask_bytes(step)
+    elif step.packing:
+        items["attention mask: packed sequences (bool, batch × seq²)"] = _mask_bytes(step)
+    return items, worst
+
+
+def _mask_bytes(step: _Step) -> int:
+    """The attention masks transformers builds once a step and hands every layer: packed sequences under SDPA, a
+    bool (batch, 1, seq, seq); eager attention, a float one in the model's dtype, one per kind of layer (gpt-oss:
+    full and sliding-window)."""
+    if step.eager:
+        kinds = len(set(getattr(step.hf_config, "layer_types", None) or ["full_attention"]))
+        return kinds * step.batch * step.seq * step.seq * step.e_base
+    return step.batch * step.seq * step.seq if step.packing else 0
 
 
 def _loss(step: _Step) -> tuple[dict[str, int], int]:
@@ -370,11 +556,8 @@ def plan_memory(
     compute_dtype = s.compute_dtype or FRONT_END_DEFAULTS["plan_memory"]["compute_dtype"]
     hf_config = load_hf_config(config, spelled("config"))
     model = meta_model(hf_config)
-    # fused experts are not modelled yet: they are left out of the targets and counted as 16-bit weights (a note says so)
-    names = {name for name, _ in model.named_modules()}
-    linear_targets = [n for n in check_targets(model, s) if n in names]
-    step = _Step(s, bits, hf_config, model, linear_targets, batch_size, seq_len, packing,
-                 e=torch.finfo(compute_dtype).bits // 8, e_base=torch.finfo(base_dtype or compute_dtype).bits // 8)
+    step = _Step(s, bits, hf_config, model, check_targets(model, s), batch_size, seq_len, packing,
+                 compute_dtype=compute_dtype, e_base=torch.finfo(base_dtype or compute_dtype).bits // 8)
 
     # static: the frozen model, the adapters, the optimizer
     items = _weights(step)
@@ -390,7 +573,7 @@ def plan_memory(
     items.update(activation_items)
     backward_items, in_backward = _layer_backward(step)
     items.update(backward_items)
-    mask = batch_size * seq_len * seq_len if packing else 0
+    mask = _mask_bytes(step)
     loss_items, loss_bytes = _loss(step)
     items.update(loss_items)
     items["adapter gradients (fp32)"] = grads
@@ -421,6 +604,8 @@ def _printed_settings(s: QMissConfig, bits: Optional[int], compute_dtype: torch.
                     offload_activations=s.offload_activations, embeddings_on_host=s.embeddings_on_host)
     if s.mode == "mini":
         settings["mini_r"] = s.mini_r
+    if s.rank_pattern:
+        settings["rank_pattern"] = s.rank_pattern
     if packing:
         settings["packing"] = True
     return settings
@@ -428,13 +613,22 @@ def _printed_settings(s: QMissConfig, bits: Optional[int], compute_dtype: torch.
 
 def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
     s = step.settings
-    notes = [f"activations modelled on a Llama-style decoder layer ({len(step.layers)} layers, SDPA attention, "
+    impl = getattr(step.model.config, "_attn_implementation", None) or "sdpa"
+    attention = {"sdpa": "SDPA attention", "eager": "eager attention: batch × heads × seq² scores"}.get(
+        impl, f"{impl} attention, counted as SDPA's")
+    notes = [f"activations modelled on a Llama-style decoder layer ({len(step.layers)} layers, {attention}, "
              f"{'checkpointing' if s.gradient_checkpointing else 'no checkpointing'})"]
-    left = unreachable_weights(step.model)
+    moe = [(layer, block) for layer in step.layers for block in step.blocks[layer]]
+    if moe:
+        n_experts, rows = _moe_shapes(step, moe[0][1])
+        notes.append(f"mixture of experts in {len({layer for layer, _ in moe})} layers: each token goes to "
+                     f"{rows // step.tokens} of {n_experts} experts ({rows} routed rows a layer); "
+                     f"{len(step.expert_targets)} fused expert weights adapted, dequantized one expert chunk at a time")
+    left = _experts_left_out(step)
     if left:
-        notes.append(f"{len(left)} fused mixture-of-experts weights ({few(sorted(left), 2)}) counted unquantized, "
-                     f"without adapters, {sum(left.values()) * step.e_base / GiB:.2f} GiB: the planner does not "
-                     "model quantized experts yet, so this plan is high for MoE models")
+        notes.append(f"{len(left)} fused expert weights no target holds (excluded, or of an experts module "
+                     f"transformers does not route through its experts interface): {few(left, 2)}, counted "
+                     f"unquantized and frozen, activations not modelled for the latter")
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
     if s.embeddings_on_host:
@@ -467,9 +661,9 @@ def _decoder_layers(model: nn.Module) -> list[str]:
 def _bat_chunk_bytes(step: _Step, budget: int) -> int:
     """The largest pair of dequantized chunk buffers bat holds at once (see qmiss.ops.chunk_rows)."""
     worst = 0
-    for name in step.targets:
+    for name in step.linears:
         n_in, n_out = step.shape(name)
         alignment = quant.row_alignment_of(n_in, n_out, step.bits)
-        rows = chunk_rows(n_out, n_in, step.settings.r, alignment, budget, step.e)
+        rows = chunk_rows(n_out, n_in, step.settings.rank_for(name), alignment, budget, step.e)
         worst = max(worst, 2 * rows * n_in * step.e)
     return worst
