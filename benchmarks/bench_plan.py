@@ -1,11 +1,13 @@
-"""The memory planner's tables for Llama-2-7B and a Llama-3-8B-shaped config, and the consumer-GPU targets.
+"""The memory planner's tables for Llama-2-7B and a Llama-3-8B-shaped config, and the consumer-GPU targets;
+then for three mixture-of-experts checkpoints (Mixtral-8x7B, Qwen3-30B-A3B, gpt-oss-20b) and their targets.
 
     python benchmarks/bench_plan.py
 
 No weights are loaded (the models are built on the meta device): for bits 4/8 × modes × batch 1/2/4
 × seq 512/1024, with gradient checkpointing, paged 8-bit AdamW and bf16 compute, the planned
-allocator peak in GiB and the smallest common card it fits (with the CUDA-context allowance).
-Writes results/bench_plan.md and results/bench_plan.png.
+allocator peak in GiB and the smallest common card it fits (with the CUDA-context allowance). The
+mixtures of experts (benchmarks/moe_configs.py) are planned at their targets' settings over 512 to
+4,096 tokens. Writes results/bench_plan.md and results/bench_plan.png.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Report, pyplot  # noqa: E402
+from benchmarks.moe_configs import EXPERTS_RANK, MOE_CONFIGS, TARGET_SETTINGS, gpt_oss_20b  # noqa: E402
 from qmiss.plan import CARDS_GIB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
 
 MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}}
 BATCHES, SEQS = (1, 2, 4), (512, 1024)
+MOE_TOKENS = ((1, 512), (1, 1024), (1, 2048), (1, 4096), (2, 2048))
+MOE_TARGETS = {"Qwen3-30B-A3B": 22.5, "gpt-oss-20b": 14.5}  # GiB, planned peak at TARGET_SETTINGS
 
 
 def configs():
@@ -96,6 +101,58 @@ def main() -> None:
     png = Path(args.out).with_suffix(".png")
     fig.savefig(png, dpi=110)
     report.add(f"![planned peak per batch and sequence length]({png.name})\n")
+    moe_tables(report)
+
+
+def moe_tables(report: Report) -> None:
+    """Mixtral-8x7B, Qwen3-30B-A3B and gpt-oss-20b: the planned peak per bits × mode × tokens at the targets'
+    other settings, the targets, what meets a missed one, and the breakdowns at the targets' settings."""
+    fixed = {k: v for k, v in TARGET_SETTINGS.items() if k not in ("bits", "batch_size", "seq_len")}
+    report.add("**Mixtures of experts** (the checkpoints' published shapes, `benchmarks/moe_configs.py`): r=64 on "
+               f"the attention's linears and r=16 on every fused expert parameter, `rank_pattern={EXPERTS_RANK}` "
+               "(a key matches the end of a target's path, and expert targets end in their parameter: "
+               "`model.layers.0.mlp.experts.gate_up_proj`; a bare `\"experts\"` matches none); experts quantized "
+               "by qmiss and dequantized one expert chunk at a time; the chunked loss, gradient checkpointing, "
+               "paged 8-bit AdamW, bf16 compute. transformers builds gpt-oss with eager attention (SDPA cannot take "
+               "its sinks), so its rows carry batch × 64 heads × seq² attention scores per recomputed layer.\n")
+    for name, build in MOE_CONFIGS.items():
+        config = build()
+        header = "| bits | mode | " + " | ".join(f"{b}×{s:,}" for b, s in MOE_TOKENS) + " |"
+        lines = [f"**{name}**", "", header, "|---|---|" + "---:|" * len(MOE_TOKENS)]
+        for bits in (4, 8):
+            for mode, extra in MODES.items():
+                cells = []
+                for batch, seq in MOE_TOKENS:
+                    plan = plan_memory(config, bits=bits, mode=mode, batch_size=batch, seq_len=seq, **fixed, **extra)
+                    cells.append(f"{plan.peak_bytes / GiB:.2f} ({smallest_card(plan)})")
+                lines.append(f"| {bits} | {mode} | " + " | ".join(cells) + " |")
+        report.add("\n".join(lines) + "\n")
+
+    plans = {name: plan_memory(build(), **TARGET_SETTINGS) for name, build in MOE_CONFIGS.items()}
+    rows = [f"| {name} | {plans[name].peak_bytes / GiB:.2f} GiB | ≤ {target} GiB | "
+            f"{'yes' if plans[name].peak_bytes <= target * GiB else 'NO'} |" for name, target in MOE_TARGETS.items()]
+    report.add("**Targets** (4-bit default, r=64 attention / r=16 experts, 1×2,048, checkpointing, paged 8-bit AdamW, "
+               "chunked loss, bf16):\n\n| model | planned peak | target | met |\n|---|---:|---:|:---:|\n"
+               + "\n".join(rows) + "\n")
+
+    target = MOE_TARGETS["gpt-oss-20b"]
+    smaller = {key: 8 for key in EXPERTS_RANK}
+    changes = {
+        "flex attention (`attn_implementation=\"flex_attention\"`, which takes the sinks)":
+            plan_memory(gpt_oss_20b(attn_implementation="flex_attention"), **TARGET_SETTINGS),
+        "input embeddings on the host (`embeddings_on_host=True`)":
+            plan_memory(gpt_oss_20b(), **{**TARGET_SETTINGS, "embeddings_on_host": True}),
+        "r=8 on the experts": plan_memory(gpt_oss_20b(), **{**TARGET_SETTINGS, "rank_pattern": smaller}),
+        "1×1,536 tokens": plan_memory(gpt_oss_20b(), **{**TARGET_SETTINGS, "seq_len": 1536}),
+        "activations offloaded to the host (`offload_activations=True`)":
+            plan_memory(gpt_oss_20b(), **{**TARGET_SETTINGS, "offload_activations": True}),
+    }
+    rows = [f"| {change} | {plan.peak_bytes / GiB:.2f} GiB | {'yes' if plan.peak_bytes <= target * GiB else 'NO'} |"
+            for change, plan in changes.items()]
+    report.add(f"What meets gpt-oss-20b's target (≤ {target} GiB), one change at a time from the targets' "
+               "settings:\n\n| change | planned peak | met |\n|---|---:|:---:|\n" + "\n".join(rows) + "\n")
+    for name, plan in plans.items():
+        report.add(f"Breakdown, {name} at the targets' settings:\n\n```\n" + plan.table() + "\n```\n")
 
 
 if __name__ == "__main__":
