@@ -110,8 +110,8 @@ def moe_tables(report: Report) -> None:
     fixed = {k: v for k, v in TARGET_SETTINGS.items() if k not in ("bits", "batch_size", "seq_len")}
     report.add("**Mixtures of experts** (the checkpoints' published shapes, `benchmarks/moe_configs.py`): r=64 on "
                f"the attention's linears and r=16 on every fused expert parameter, `rank_pattern={EXPERTS_RANK}` "
-               "(a key matches the end of a target's path, and expert targets end in their parameter: "
-               "`model.layers.0.mlp.experts.gate_up_proj`; a bare `\"experts\"` matches none); experts quantized "
+               "(a key that matches an experts module covers its fused projections, "
+               "`model.layers.0.mlp.experts.gate_up_proj` and `…down_proj`); experts quantized "
                "by qmiss and dequantized one expert chunk at a time; the chunked loss, gradient checkpointing, "
                "paged 8-bit AdamW, bf16 compute. transformers builds gpt-oss with eager attention (SDPA cannot take "
                "its sinks), so its rows carry batch × 64 heads × seq² attention scores per recomputed layer.\n")

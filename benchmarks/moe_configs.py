@@ -13,7 +13,7 @@ from __future__ import annotations
 #: r=64 on the attention and r=16 on the experts. A ``rank_pattern`` key is matched against the END of a target's
 #: path (PEFT's ``re.match(rf"(.*\.)?({key})$", name)``) and expert targets are named
 #: ``model.layers.0.mlp.experts.gate_up_proj``: a bare "experts" would match none of them.
-EXPERTS_RANK = {r"experts\.\w+": 16}
+EXPERTS_RANK = {"experts": 16}
 TARGET_SETTINGS = dict(bits=4, r=64, rank_pattern=EXPERTS_RANK, batch_size=1, seq_len=2048,
                        gradient_checkpointing=True, optimizer="paged_adamw_8bit", chunked_loss=True)
 
