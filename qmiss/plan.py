@@ -169,6 +169,11 @@ class _Step:
         """(in_features, out_features) of a target; one expert's for a fused expert parameter."""
         return self.shapes[name][:2]
 
+    def rank(self, name: str) -> int:
+        """The r ``prepare_qmiss`` gives the target ``name`` (``rank_pattern`` matches an expert target through its
+        experts module too)."""
+        return self.settings.rank_for(name, expert=self.shapes[name][2] is not None)
+
     def in_layer(self, names: list[str], layer: Optional[str]) -> list[str]:
         """The ``names`` under the decoder layer ``layer`` (none for None)."""
         return [n for n in names if layer is not None and n.startswith(layer + ".")]
@@ -256,7 +261,7 @@ def _adapters(step: _Step) -> tuple[dict[str, int], list[int]]:
 
     def size(name: str) -> int:
         _, n_out, n_experts = step.shapes[name]
-        return (n_experts or 1) * math.prod(adapter_shape(n_out, s.rank_for(name), s.mode, s.mini_r))
+        return (n_experts or 1) * math.prod(adapter_shape(n_out, step.rank(name), s.mode, s.mini_r))
 
     linears, experts = [size(n) for n in step.linears], [size(n) for n in step.expert_targets]
     items = {"adapters (fp32)": 4 * sum(linears)}
@@ -308,7 +313,7 @@ def _layer_activations(step: _Step, layer: Optional[str]) -> int:
         if s.mode == "bat" and step.bits is not None and e != step.norm_e:  # each projection casts the fp32 norm output
             extra += tokens * hidden * e * 3
     if s.mode != "bat":  # the shard sums Σ_j x_j each adapter keeps
-        extra += tokens * e * sum(s.rank_for(n) for n in step.in_layer(step.linears, layer))
+        extra += tokens * e * sum(step.rank(n) for n in step.in_layer(step.linears, layer))
     return norms_saved + attention + mlp + extra
 
 
@@ -352,7 +357,7 @@ def _moe_activations(step: _Step, block: str) -> int:
     """What the mixture-of-experts block of the experts module ``block`` saves (:func:`qmiss.experts.saved_bytes`),
     each adapted projection with its r."""
     module = step.modules[block]
-    ranks = {p: step.settings.rank_for(f"{block}.{p}") for p in expert_params(module)
+    ranks = {p: step.rank(f"{block}.{p}") for p in expert_params(module)
              if f"{block}.{p}" in step.shapes}
     return experts.saved_bytes(module, step.tokens, _top_k(step, block), step.compute_dtype, ranks, step.settings.mode)
 
@@ -363,7 +368,7 @@ def _expert_chunk_bytes(step: _Step, name: str) -> int:
     (each token at most once)."""
     s = step.settings
     n_in, n_out, _ = step.shapes[name]
-    return expert_backward_bytes(n_in, n_out, s.rank_for(name), s.mode, step.bits, s.bat_chunk_bytes, step.e,
+    return expert_backward_bytes(n_in, n_out, step.rank(name), s.mode, step.bits, s.bat_chunk_bytes, step.e,
                                  step.tokens)
 
 
@@ -664,6 +669,6 @@ def _bat_chunk_bytes(step: _Step, budget: int) -> int:
     for name in step.linears:
         n_in, n_out = step.shape(name)
         alignment = quant.row_alignment_of(n_in, n_out, step.bits)
-        rows = chunk_rows(n_out, n_in, step.settings.rank_for(name), alignment, budget, step.e)
+        rows = chunk_rows(n_out, n_in, step.rank(name), alignment, budget, step.e)
         worst = max(worst, 2 * rows * n_in * step.e)
     return worst
