@@ -18,7 +18,7 @@ from qmiss import quant
 from qmiss.config import QMissConfig, pattern_key
 from qmiss.experts import IMPLEMENTATION, expert_params, experts_shape, is_experts_module
 from qmiss.inputs import InputError, few, spelled
-from qmiss.layer import MissAdapter, MissBlock, MissExperts, MissLinear, shape_problem
+from qmiss.layer import MissAdapter, MissExperts, MissLinear, shape_problem
 
 
 def _matches(name: str, pattern: Union[str, list[str], tuple, set, None]) -> bool:
@@ -78,25 +78,41 @@ def is_plain_linear(module: nn.Module) -> bool:
             or type(module).__name__ in PLAIN_FORWARD)
 
 
+#: parameters of two dimensions or more that hold no matmul weight: state-space decays (A_log, RWKV's time_*) act
+#: elementwise, position tables (absolute, axial, relative) are looked up or added, biases are added
+NOT_MATMUL = re.compile(r"(\bA_log|\btime_(mix|decay|first)\w*|position_embeddings\b.*|\bpos_embed|\brel_pos_\w+|"
+                        r"relative_attention_bias|bias)$")
+
+
 def unreachable_weights(model: nn.Module) -> dict[str, int]:
-    """Matmul weights no qmiss layer can hold, by name, with their sizes: fused expert weights still held as
-    3-D parameters (an ``...Experts`` module's (experts, out, in) or (experts, in, out) tensors: experts modules
-    transformers does not route through its experts interface, or left out of the targets), and the weights of
-    linears with a forward of their own (:func:`is_plain_linear`), routers and the output head aside.
-    ``prepare_qmiss`` warns about them."""
-    found, heads = {}, set(output_layer_names(model))
+    """Matmul weights no qmiss layer holds and no rule leaves alone, by name, with their sizes; ``prepare_qmiss``
+    warns about them after wrapping.
+
+    That is every floating-point parameter with two dimensions over 1 outside a quantized or adapted layer, the
+    plain linears left as they are (routers, the output head, what the user excluded), embeddings, norms,
+    convolutions and :data:`NOT_MATMUL`: fused experts an experts module transformers does not route through
+    its experts interface holds (DBRX, JetMoE, Llama 4) or the user excluded, linears with a forward of their
+    own (:func:`is_plain_linear`), and matmul weights held as raw parameters (XLNet's attention, an
+    ``nn.MultiheadAttention``'s ``in_proj_weight``). Routers and gates (:func:`is_router`) and what the class
+    keeps in fp32 (:func:`keeps_in_float`) are not named.
+    """
+    found: dict[str, int] = {}
+    heads, done = set(output_layer_names(model)), ()
     for name, module in model.named_modules():
-        if isinstance(module, (MissLinear, MissBlock)):
+        if name.startswith(done):
             continue
-        if quant.is_linear(module) and not is_plain_linear(module):
-            if name not in heads and not is_router(name) and not keeps_in_float(model, name):
-                found[f"{name}.weight"] = module.weight.numel()
+        if isinstance(module, MissAdapter) or (quant.is_linear(module) and quant.quant_bits(module) is not None):
+            done = (*done, f"{name}.")
             continue
-        if "Experts" not in type(module).__name__:
+        if (name in heads or is_router(name) or keeps_in_float(model, name) or is_plain_linear(module)
+                or is_conv1d(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                or "norm" in type(module).__name__.lower()):
             continue
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() >= 2 and param.is_floating_point() and not param_name.endswith("bias"):
-                found[f"{name}.{param_name}" if name else param_name] = param.numel()
+            full = f"{name}.{param_name}" if name else param_name
+            if (param.is_floating_point() and sum(n > 1 for n in param.shape) >= 2 and "norm" not in param_name
+                    and not NOT_MATMUL.search(full)):
+                found[full] = param.numel()
     return found
 
 

@@ -248,10 +248,10 @@ def _parameter(step: _Step, name: str) -> nn.Parameter:
 def _experts_left_out(step: _Step) -> list[str]:
     """Fused expert weights no target holds: excluded by the settings, or of an experts module transformers does
     not route through its experts interface (DBRX's); they stay in the model's dtype, frozen. (Linears with a
-    forward of their own, which :func:`~qmiss.model.unreachable_weights` names too, count with the other
-    16-bit weights.)"""
+    forward of their own and raw weight parameters, which :func:`~qmiss.model.unreachable_weights` names too,
+    count with the other 16-bit weights.)"""
     return sorted(n for n in unreachable_weights(step.model)
-                  if n not in step.shapes and not quant.is_linear(step.modules[n.rpartition(".")[0]]))
+                  if n not in step.shapes and "Experts" in type(step.modules[n.rpartition(".")[0]]).__name__)
 
 
 def _adapters(step: _Step) -> tuple[dict[str, int], list[int]]:

@@ -203,8 +203,9 @@ def _warn_unreachable(model: nn.Module, targets: list[str]) -> None:
         f"prepare_qmiss: {len(left)} matmul weight(s) are not linears qmiss can quantize or adapt, so they stay "
         f"unquantized and frozen — {few(sorted(left))}: {share:.0%} of the model's matmul weights (fused "
         "experts of a module transformers does not route through its experts interface, such as DBRX's, JetMoE's "
-        "and Llama 4's, experts excluded from the targets, or linears with a forward of their own, such as "
-        "DeepSeek-V4's grouped o_a_proj); the model will be larger and train less than planned",
+        "and Llama 4's, experts excluded from the targets, linears with a forward of their own, such as "
+        "DeepSeek-V4's grouped o_a_proj, or raw weight parameters, such as XLNet's attention); the model will be "
+        "larger and train less than planned",
         stacklevel=3,
     )
 

@@ -10,7 +10,6 @@ An architecture that does not work today sits in :data:`SKIP` with the reason, f
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import pytest
@@ -22,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import qmiss
 from qmiss import quant
 from qmiss.layer import MissAdapter
-from qmiss.model import is_router, keeps_in_float, output_head
+from qmiss.model import NOT_MATMUL, is_router, keeps_in_float, output_head, unreachable_weights
 from tests.helpers import randomize_adapters
 
 ARCHITECTURES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -186,6 +185,7 @@ OVERRIDES: dict[str, dict] = {
     "reformer": {"is_decoder": True, "axial_pos_shape": [4, 4], "axial_pos_embds_dim": [WIDTH // 2, WIDTH // 2],
                  "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "hash_seed": 0},
     "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 16},  # its router MLP is 1/8 of hidden wide
+    "longcat_flash": {"zero_expert_num": 4},  # its router scores experts and "zero experts" (256 by default)
     "gemma3n_text": {"num_kv_shared_layers": 0},
 }
 #: input ids are drawn below this; special token ids sit above it
@@ -263,12 +263,6 @@ def tiny_model(model_type: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).float().eval()
 
 
-#: parameters of two dimensions or more that are no matmul weight: state-space decays (A_log, RWKV's time_*) act
-#: elementwise, position tables (absolute, axial, relative) are looked up or added, biases are added
-NOT_MATMUL = re.compile(r"(\bA_log|\btime_(mix|decay|first)\w*|position_embeddings\b.*|\bpos_embed|\brel_pos_\w+|"
-                        r"relative_attention_bias|bias)$")
-
-
 def left_in_float(model: nn.Module) -> tuple[dict[str, int], int]:
     """The decoder's matmul weights prepare_qmiss left in floating point ({name: size}), and the size of all of
     them: a quantized or adapted linear counts (in · out); any other float parameter with two dimensions over 1 is
@@ -319,13 +313,14 @@ def test_architecture(tmp_path, record_property, model_type: str, bits: int, mod
     ids = torch.randint(3, TEXT_IDS, (2, 16), generator=torch.Generator().manual_seed(0))
     model = qmiss.prepare_qmiss(tiny_model(model_type), r=16, bits=bits, mode=mode)
 
-    # what stays in floating point: routers and gates only, and what the model class keeps in fp32
+    # what stays in floating point: routers and gates, and what the model class keeps in fp32, under 2%
     floating, total = left_in_float(model)
     share = sum(floating.values()) / total
     record_property("float_share", share)  # conftest.py's summary line reports the largest
     assert all(is_router(name.rpartition(".")[0]) or keeps_in_float(model, name.rpartition(".")[0])
-               for name in floating), (
+               for name in floating) and share < 0.02, (
         f"{share:.1%} of the matmul weights left in float: {sorted(floating)}")
+    assert not unreachable_weights(model)  # so prepare_qmiss named nothing
 
     # one training step reaches the adapters
     model.train()
@@ -349,3 +344,23 @@ def test_architecture(tmp_path, record_property, model_type: str, bits: int, mod
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     error = ((logits(reloaded, ids) - expected).abs().max() / expected.abs().max()).item()
     assert error <= 1e-4, f"merged checkpoint's logits off by {error:.1e} (relative to the largest)"
+
+
+#: architectures whose matmul weights qmiss cannot all hold (see SKIP): raw weight parameters, experts outside
+#: transformers' experts interface, a linear with its own forward
+LEFT_FLOAT = ("xlnet", "recurrent_gemma", "llama4_text", "jetmoe", "deepseek_v4", "hy_v4", "inkling_text")
+
+
+@pytest.mark.architectures(default=True)
+@pytest.mark.parametrize("model_type", LEFT_FLOAT)
+def test_what_qmiss_cannot_hold_is_named(model_type: str) -> None:
+    """Every matmul weight left in float but routers (as this file's :func:`left_in_float` finds them) is named by
+    prepare_qmiss's warning, with its share."""
+    model = tiny_model(model_type)
+    with pytest.warns(UserWarning, match=r"prepare_qmiss: \d+ matmul weight\(s\) .* unquantized and frozen") as caught:
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+    floating, _ = left_in_float(model)
+    expected = {n for n in floating if not is_router(n.rpartition(".")[0]) and not keeps_in_float(model, n.rpartition(".")[0])}
+    assert expected and expected == set(unreachable_weights(model))
+    message = next(str(w.message) for w in caught if "matmul weight" in str(w.message))
+    assert sorted(expected)[0] in message
