@@ -17,7 +17,9 @@ saved, and back when backward reaches it::
     backward  layer i reached ─► copied back ─► layer i recomputed and differentiated
 
 Inside a checkpointed layer torch's own hooks run (nothing is stored there to offload). Without
-checkpointing, every saved activation of 1 MiB or more is offloaded. Parameters are never copied.
+checkpointing, every saved activation of 1 MiB or more is offloaded. Parameters are never copied, nor
+is anything in a parameter's memory: ``F.linear`` saves ``weight.t()``, a view of the head's weight and no
+``nn.Parameter``, which would otherwise take the whole head (1 GiB for Llama-3-8B) to the host and back.
 Tensors already on the host are left alone, so on a CPU-only machine this is a no-op.
 
 The copies are synchronous with the compute stream: a step trades PCIe time for GPU memory
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import torch
@@ -56,20 +59,22 @@ class ActivationOffload:
         # one host copy per tensor object (the rotary cos/sin go to every layer): id -> (weak ref, version, copy).
         # Keyed by the object, not its address: a freed block is soon another tensor of the same shape.
         self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._parameter_storages: set[int] = set()  # data pointers of the parameters' storages (see reset)
 
-    def reset(self) -> None:
-        """Start a new forward: forget which tensors were copied, and count the bytes afresh."""
+    def reset(self, parameters: Iterable[torch.Tensor] = ()) -> None:
+        """Start a new forward: forget which tensors were copied, count the bytes afresh, and note where
+        ``parameters`` live (read again each forward: a model may have moved since the last)."""
         self.offloaded_bytes = 0
         self.forget_copies()
+        self._parameter_storages = {_storage_ptr(p) for p in parameters} - {0}
 
     def forget_copies(self) -> None:
         """Drop the lookup table of host copies (the copies autograd needs live on in its graph)."""
         self._copies.clear()
 
     def pack(self, tensor: torch.Tensor) -> Union[torch.Tensor, tuple[torch.device, torch.Tensor]]:
-        if (isinstance(tensor, nn.Parameter) or tensor.device.type == "meta"
-                or (tensor.device.type == "cpu" and not self.include_host)
-                or tensor.numel() * tensor.element_size() < self.min_bytes):
+        if (tensor.device.type == "meta" or (tensor.device.type == "cpu" and not self.include_host)
+                or tensor.numel() * tensor.element_size() < self.min_bytes or self._is_parameter_memory(tensor)):
             return tensor
         ref, version, host = self._copies.get(id(tensor), (None, None, None))
         if ref is None or ref() is not tensor or version != tensor._version:
@@ -79,6 +84,12 @@ class ActivationOffload:
             self._copies[id(tensor)] = (weakref.ref(tensor), tensor._version, host)
             self.offloaded_bytes += host.numel() * host.element_size()
         return tensor.device, host
+
+    def _is_parameter_memory(self, tensor: torch.Tensor) -> bool:
+        """A parameter, a view of one (its ``_base``: FSDP's unsharded parameters, which the model's
+        ``parameters()`` do not list), or another tensor on a parameter's storage (``weight.detach()``)."""
+        return (isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+                or _storage_ptr(tensor) in self._parameter_storages)
 
     @staticmethod
     def unpack(packed: Union[torch.Tensor, tuple[torch.device, torch.Tensor]]) -> torch.Tensor:
@@ -110,7 +121,7 @@ class OffloadHooks:
         active = model.training and torch.is_grad_enabled()
         context = self.offload.hooks() if active else contextlib.nullcontext()
         if active and not self._stack:
-            self.offload.reset()
+            self.offload.reset(model.parameters())
         context.__enter__()
         self._stack.append(context)
 
@@ -128,6 +139,14 @@ def attach_offload(model: nn.Module, min_bytes: int = MiB, include_host: bool = 
         existing.remove()
     model.qmiss_offload = OffloadHooks(model, ActivationOffload(min_bytes, include_host))
     return model.qmiss_offload
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage; 0 for a tensor with none of its own (a wrapper subclass: DTensor)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 class HostEmbeddings:
