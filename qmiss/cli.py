@@ -97,7 +97,8 @@ def _show_plan(args: argparse.Namespace) -> int:
                            rank_pattern=parse_rank_pattern(args.rank_pattern, "--rank-pattern")
                            if args.rank_pattern else None)
     if args.json:
-        print(json.dumps({"peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase, "items": plan.items,
+        print(json.dumps({"peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase, "host_bytes": plan.host_bytes,
+                          "items": plan.items,
                           "settings": plan.settings, "cards": plan.cards()}, indent=2))
     else:
         print(plan.table())

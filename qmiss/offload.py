@@ -25,12 +25,20 @@ Tensors already on the host are left alone, so on a CPU-only machine this is a n
 The copies are synchronous with the compute stream: a step trades PCIe time for GPU memory
 (torchtune's ``OffloadActivations`` overlaps them on a second stream; this keeps to ``save_on_cpu``'s
 simpler contract).
+
+Host memory: one pool (:class:`HostPool`), not an allocation per tensor. torch's pinned allocations go
+through its caching host allocator, which rounds each request up to a power of two and keeps the block
+(``ATen/core/CachingHostAllocator.h``): a 192 MiB layer input would take 256 MiB, held for good, per rank.
+The pool is one exact-size buffer, page-locked with ``cudaHostRegister``; every forward carves its copies
+from it, each rounded up to :data:`HOST_ALIGNMENT`, so from the second step on the host holds what
+:func:`qmiss.plan_memory` prints as the offloaded activations' pinned host memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from collections.abc import Iterable
 from typing import Any, Optional, Union
@@ -41,6 +49,91 @@ from torch import nn
 from qmiss.inputs import InputError
 
 MiB = 2**20
+#: bytes: where each copy starts in the pool (cudaMalloc's blocks are aligned at least as well, so a copy's two
+#: ends line up the same way); a copy of n bytes takes :func:`host_bytes` (n) of the pool.
+HOST_ALIGNMENT = 256
+
+
+def host_bytes(nbytes: int, min_bytes: int = MiB) -> int:
+    """The pool bytes an offloaded tensor of ``nbytes`` takes: none under ``min_bytes`` (it is not offloaded),
+    else ``nbytes`` rounded up to :data:`HOST_ALIGNMENT`. The planner asks this."""
+    if nbytes < min_bytes:
+        return 0
+    return -(-nbytes // HOST_ALIGNMENT) * HOST_ALIGNMENT
+
+
+class HostPool:
+    """One host buffer that the offloaded copies of a forward are carved from, reused by every later forward.
+
+    A forward takes its copies from the front of the pool; a copy that does not fit (on the first forward,
+    all of them) gets a pageable buffer of its own, exact size, freed with its graph. The next forward
+    starts with the pool grown to what the last one took, so after one step the pool is the largest step's
+    offloaded bytes (:func:`host_bytes` each) and nothing else is allocated. A pool that a graph not yet
+    differentiated still reads is never written: that forward's copies get buffers of their own.
+
+    Args:
+        pin: page-lock the pool (``cudaHostRegister``), so copies to and from the GPU run asynchronously.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.capacity = 0  # bytes of the pool
+        self.taken = 0  # bytes this forward asked for (fitting or not)
+        self.spilled = 0  # bytes of this forward given buffers of their own
+        self._buffer: Optional[torch.Tensor] = None  # (capacity,) uint8
+        self._unpin: Optional[weakref.finalize] = None
+        self._handed: list[weakref.ref] = []  # this forward's views of the pool
+        self._open = False  # this forward may write the pool
+
+    def reset(self) -> None:
+        """Start a forward: grow the pool to what the last forward took, if no graph still reads it."""
+        busy = any(view() is not None for view in self._handed)
+        if not busy and self.taken > self.capacity:
+            self._release()
+            self._buffer = torch.empty(self.taken, dtype=torch.uint8)
+            if self.pin:
+                _register(self._buffer)
+                # unregistered before the memory can go back to the allocator, here or when the pool is dropped
+                self._unpin = weakref.finalize(self, _unregister, self._buffer)
+            self.capacity = self.taken
+        self._open = not busy
+        self._handed = [view for view in self._handed if view() is not None]
+        self.taken = self.spilled = 0
+
+    def take(self, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor of ``size`` and ``dtype``: a view of the pool if it fits."""
+        nbytes = math.prod(size) * _element_size(dtype)
+        start, self.taken = self.taken, self.taken + host_bytes(nbytes, 0)
+        if not self._open or self.taken > self.capacity:
+            self.spilled += nbytes
+            return torch.empty(size, dtype=dtype)
+        view = self._buffer[start:start + nbytes].view(dtype).view(size)
+        self._handed.append(weakref.ref(view))
+        return view
+
+    def _release(self) -> None:
+        if self._unpin is not None:
+            self._unpin()
+        self._buffer, self._unpin, self.capacity = None, None, 0
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _register(buffer: torch.Tensor) -> None:
+    """Page-lock ``buffer`` in place, at its exact size. torch exposes no exact-size pinned allocation (its
+    ``pin_memory`` rounds up, see the module doc); ``torch.cuda.cudart()`` is the CUDA runtime torch itself
+    pins with (``torch/cuda/_pin_memory_utils.py``). tests/test_offload.py's gpu test fails if it stops working."""
+    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
+    if code != 0:
+        raise RuntimeError(f"offload_activations: cudaHostRegister of the {buffer.numel() / MiB:.0f} MiB host pool "
+                           f"failed with CUDA error {code}; raise the locked-memory limit (ulimit -l) or pass "
+                           "offload_activations=False")
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
 class ActivationOffload:
@@ -50,11 +143,13 @@ class ActivationOffload:
         min_bytes: smaller tensors stay where they are (not worth a copy).
         include_host: also copy tensors that are already on the host (tests use it to exercise the
             round trip on a CPU-only machine).
+        pin: page-lock the host pool; default: when CUDA is available.
     """
 
-    def __init__(self, min_bytes: int = MiB, include_host: bool = False) -> None:
+    def __init__(self, min_bytes: int = MiB, include_host: bool = False, pin: Optional[bool] = None) -> None:
         self.min_bytes = min_bytes
         self.include_host = include_host
+        self.pool = HostPool(torch.cuda.is_available() if pin is None else pin)
         self.offloaded_bytes = 0  # bytes moved by the current forward (reset by :meth:`reset`)
         # one host copy per tensor object (the rotary cos/sin go to every layer): id -> (weak ref, version, copy).
         # Keyed by the object, not its address: a freed block is soon another tensor of the same shape.
@@ -66,6 +161,7 @@ class ActivationOffload:
         ``parameters`` live (read again each forward: a model may have moved since the last)."""
         self.offloaded_bytes = 0
         self.forget_copies()
+        self.pool.reset()
         self._parameter_storages = {_storage_ptr(p) for p in parameters} - {0}
 
     def forget_copies(self) -> None:
@@ -74,13 +170,14 @@ class ActivationOffload:
 
     def pack(self, tensor: torch.Tensor) -> Union[torch.Tensor, tuple[torch.device, torch.Tensor]]:
         if (tensor.device.type == "meta" or (tensor.device.type == "cpu" and not self.include_host)
+                or tensor.layout != torch.strided
                 or tensor.numel() * tensor.element_size() < self.min_bytes or self._is_parameter_memory(tensor)):
             return tensor
         ref, version, host = self._copies.get(id(tensor), (None, None, None))
         if ref is None or ref() is not tensor or version != tensor._version:
-            pin = tensor.device.type == "cuda"
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
-            host.copy_(tensor, non_blocking=pin)  # stream-ordered before anything reuses the device memory
+            host = self.pool.take(tensor.size(), tensor.dtype)
+            # pinned: stream-ordered before anything reuses the device memory; the host never writes the pool
+            host.copy_(tensor, non_blocking=self.pool.pin and tensor.device.type == "cuda" and host.is_pinned())
             self._copies[id(tensor)] = (weakref.ref(tensor), tensor._version, host)
             self.offloaded_bytes += host.numel() * host.element_size()
         return tensor.device, host
@@ -132,12 +229,13 @@ class OffloadHooks:
             self.offload.forget_copies()
 
 
-def attach_offload(model: nn.Module, min_bytes: int = MiB, include_host: bool = False) -> OffloadHooks:
+def attach_offload(model: nn.Module, min_bytes: int = MiB, include_host: bool = False,
+                   pin: Optional[bool] = None) -> OffloadHooks:
     """Offload what ``model``'s training forwards save for backward to host memory (see the module doc)."""
     existing = getattr(model, "qmiss_offload", None)
     if existing is not None:
         existing.remove()
-    model.qmiss_offload = OffloadHooks(model, ActivationOffload(min_bytes, include_host))
+    model.qmiss_offload = OffloadHooks(model, ActivationOffload(min_bytes, include_host, pin))
     return model.qmiss_offload
 
 

@@ -49,7 +49,7 @@ from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import adapter_shape, expert_backward_bytes
 from qmiss.loss import chunk_bytes_per_token, chunk_tokens
 from qmiss.model import check_targets, output_head, target_shape, unreachable_weights
-from qmiss.offload import check_host_embeddings
+from qmiss.offload import check_host_embeddings, host_bytes
 from qmiss.ops import chunk_rows
 from qmiss.prepare import fp32_upcast_modules
 from qmiss.sources import load_hf_config, meta_model
@@ -86,6 +86,8 @@ class MemoryPlan:
     peak_phase: str
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
+    #: pinned host memory per process: the pool offloaded activations are copied into (offload_activations)
+    host_bytes: int = 0
 
     def fits(self, gpu_gib: float, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
         """Whether the peak plus the CUDA context fits a card of ``gpu_gib`` GiB (an "8 GB" card has 8 GiB)."""
@@ -109,7 +111,10 @@ class MemoryPlan:
                  "  " + ", ".join(f"{k}={v}" for k, v in self.settings.items()), ""]
         for key, value in self.items.items():
             lines.append(f"  {key:<{width}}{value / GiB:8.3f} GiB")
-        lines += [f"  {'peak (' + self.peak_phase + ')':<{width}}{self.peak_bytes / GiB:8.3f} GiB", ""]
+        lines.append(f"  {'peak (' + self.peak_phase + ')':<{width}}{self.peak_bytes / GiB:8.3f} GiB")
+        if self.host_bytes:
+            lines.append(f"  {'pinned host memory (offload pool)':<{width}}{self.host_bytes / GiB:8.3f} GiB")
+        lines.append("")
         lines.append(f"  cards in GiB (an \"8 GB\" card has 8 GiB; peak + {CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA "
                      "context): " + "  ".join(f"{gib} {'yes' if ok else 'no'}" for gib, ok in self.cards().items()))
         lines += [f"  note: {n}" for n in self.notes]
@@ -382,7 +387,7 @@ def _moe_backward(step: _Step, block: str) -> int:
 
 def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
     """The activations a step holds: returns the items, what stays saved through the loss, what is saved while
-    one layer is differentiated, and the bytes waiting in host memory (offload_activations)."""
+    one layer is differentiated, and the host pool's bytes (offload_activations; :func:`_offload_pool`)."""
     s, tokens, hidden = step.settings, step.tokens, step.hidden
     items: dict[str, int] = {}
     n_layers = len(step.layers)
@@ -394,7 +399,7 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
     if s.gradient_checkpointing:
         saved = n_layers * layer_input + embed_out
         if s.offload_activations:  # the layer inputs wait on the host; backward brings back one at a time
-            host, saved = saved, 0
+            host, saved = _offload_pool(step), 0
             items["activations: one checkpointed layer input (the rest on the host)"] = layer_input
         else:
             items["activations: checkpointed layer inputs"] = saved
@@ -410,13 +415,34 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
     else:
         saved = sum(per_layer) + embed_out
         if s.offload_activations:  # every saved activation on the host; one layer's worth back at a time
-            host, saved = saved, 0
+            # (the pool: the per-layer model, not tensor by tensor, within 10% of the allocated pool in
+            # tests/test_offload.py; plus, without the chunked loss, the log-softmax copied out as _offload_pool says)
+            host, saved = saved + (0 if s.chunked_loss else step.tokens * step.vocab * 4), 0
             items["activations: one layer's (the rest on the host)"] = layer_acts
             in_layer = layer_acts
         else:
             items["activations: all layers"] = saved
             in_layer = saved
     return items, saved, in_layer, host
+
+
+def _offload_pool(step: _Step) -> int:
+    """The host pool a checkpointed step fills (qmiss.offload.HostPool), tensor by tensor as offload.py takes
+    them (:func:`qmiss.offload.host_bytes`: none under 1 MiB, the rest aligned): what autograd saves outside the
+    checkpointed layers, with the output head frozen (its input and the final norm's output are not saved):
+
+    - each layer's input, kept by checkpointing: the embedding output, then the residual stream;
+    - the final RMSNorm's input, in fp32 (transformers' Llama-family norm upcasts; the last layer's output
+      itself when the stream is fp32), and its (tokens, 1) fp32 reciprocal root;
+    - without the chunked loss, transformers' loss inside the model's forward: the fp32 log-softmax of the
+      logits, (tokens × vocabulary), copied out and straight back at the loss's backward.
+    """
+    width = step.tokens * step.hidden
+    embed_out = width * (step.e_stream if step.tied else step.e_base)
+    tensors = [embed_out] + [width * step.e_stream] * (len(step.layers) - 1) + [width * 4, step.tokens * 4]
+    if not step.settings.chunked_loss:
+        tensors.append(step.tokens * step.vocab * 4)
+    return sum(host_bytes(n) for n in tensors)
 
 
 def _bnb_8bit_held(step: _Step, layer: str) -> int:
@@ -597,7 +623,8 @@ def plan_memory(
         peak_bytes=static + phases[phase],
         peak_phase=phase,
         trainable_parameters=trainable,
-        notes=_notes(step, optimizer, host),
+        notes=_notes(step, optimizer),
+        host_bytes=host,
     )
 
 
@@ -616,7 +643,7 @@ def _printed_settings(s: QMissConfig, bits: Optional[int], compute_dtype: torch.
     return settings
 
 
-def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
+def _notes(step: _Step, optimizer: str) -> list[str]:
     s = step.settings
     impl = getattr(step.model.config, "_attn_implementation", None) or "sdpa"
     attention = {"sdpa": "SDPA attention", "eager": "eager attention: batch × heads × seq² scores"}.get(
@@ -639,8 +666,8 @@ def _notes(step: _Step, optimizer: str, host: int) -> list[str]:
     if s.embeddings_on_host:
         notes.append(f"input embeddings on the host: {step.embed_host / GiB:.2f} GiB of host memory")
     if s.offload_activations:
-        notes.append(f"offloaded activations: {host / GiB:.2f} GiB of pinned host memory, copied over PCIe twice a "
-                     "step")
+        notes.append("offloaded activations: copied over PCIe twice a step, into one pinned host pool per process "
+                     "(the pinned host memory line)")
     return notes
 
 
