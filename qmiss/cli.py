@@ -60,8 +60,8 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compute-dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--chunked-loss", action="store_true",
                         help="the loss chunk by chunk of tokens, no full logits (qmiss-train's default)")
-    parser.add_argument("--loss-chunk-mib", type=int, default=DEFAULTS.loss_chunk_bytes // MiB,
-                        help="chunked loss: MiB per chunk")
+    parser.add_argument("--loss-chunk-mib", type=int, default=None,
+                        help="chunked loss: MiB per chunk (default: chunks as large as the head)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="checkpointed layer inputs wait in pinned host memory until backward")
     parser.add_argument("--embeddings-on-host", action="store_true",
@@ -85,14 +85,15 @@ def plan_command(argv: list[str]) -> int:
 
 
 def _show_plan(args: argparse.Namespace) -> int:
-    if args.loss_chunk_mib <= 0:
+    if args.loss_chunk_mib is not None and args.loss_chunk_mib <= 0:
         raise InputError(f"--loss-chunk-mib {args.loss_chunk_mib} must be a positive number of MiB, e.g. 64")
     with spelled_as(FLAGS):
         plan = plan_memory(args.config, bits=None if args.bits == "16" else int(args.bits), r=args.r, mode=args.mode,
                            mini_r=args.mini_r, batch_size=args.batch, seq_len=args.seq,
                            gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
                            compute_dtype=DTYPES[args.compute_dtype], chunked_loss=args.chunked_loss,
-                           loss_chunk_bytes=args.loss_chunk_mib * MiB, offload_activations=args.offload_activations,
+                           loss_chunk_bytes=None if args.loss_chunk_mib is None else args.loss_chunk_mib * MiB,
+                           offload_activations=args.offload_activations,
                            embeddings_on_host=args.embeddings_on_host, packing=args.packing,
                            rank_pattern=parse_rank_pattern(args.rank_pattern, "--rank-pattern")
                            if args.rank_pattern else None)

@@ -214,7 +214,8 @@ class QMissConfig:
     quant_storage: Optional[torch.dtype] = None  # 4-bit: store the packed weights as this float dtype (FSDP1)
     fp32_norms: bool = False  # QLoRA's habit: norms and the output head upcast to fp32
     chunked_loss: bool = False  # training loss chunk by chunk of tokens; logits=None (qmiss.loss)
-    loss_chunk_bytes: int = 64 * MiB  # chunked loss: byte budget of one chunk of logits and gradient
+    loss_chunk_bytes: Optional[int] = None  # chunked loss: byte budget of one chunk of logits and gradient; None:
+    #   chunks as large as the head, at most a quarter of the free GPU memory (qmiss.loss.auto_chunk_tokens)
     offload_activations: bool = False  # what autograd saves outside checkpointed layers waits in host memory
     embeddings_on_host: bool = False  # the input embedding table stays in host memory (qmiss.offload)
 
@@ -252,6 +253,8 @@ class QMissConfig:
         check_compute_dtype(self.compute_dtype, self.bits)
         for name in ("bat_chunk_bytes", "loss_chunk_bytes"):
             value = getattr(self, name)
+            if value is None and name == "loss_chunk_bytes":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InputError(f"{spelled(name)}={value!r} must be a positive number of bytes, e.g. 64 * 2**20")
         if not isinstance(self.target_modules, (str, list, tuple, set)):

@@ -11,7 +11,8 @@ head's matmul, the fp32 log-softmax and the gradient run on one chunk of tokens 
 Each chunk's gradient is formed in the forward pass while its logits exist, so the logits are
 computed once, as in the plain loss (recomputing them in backward would cost a third head matmul);
 backward only scales the stored (N, H) gradient by the incoming one. The full logits and their
-gradient never exist: a chunk holds ``chunk_tokens(...)`` rows, sized from a byte budget.
+gradient never exist: a chunk holds ``chunk_tokens(...)`` rows when a byte budget is given, else
+``auto_chunk_tokens(...)``: as many rows as make the chunk as large as the head, in multiples of 64.
 
 The result is transformers' ``ForCausalLMLoss``: labels shifted left by one, ``ignore_index``
 (-100) skipped, the sum divided by the number of valid tokens or by ``num_items_in_batch``
@@ -34,8 +35,11 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from qmiss.inputs import InputError
 
 MiB = 2**20
-#: default byte budget of one chunk's logits and their gradient.
-DEFAULT_CHUNK_BYTES = 64 * MiB
+#: rows of an automatic chunk are a multiple of this (whole tensor-core tiles of the head's matmuls).
+ROW_MULTIPLE = 64
+#: an automatic chunk takes at most this fraction of the device's free memory, the rest left for the hidden
+#: gradient, the backward that follows and the allocator's rounding.
+FREE_FRACTION = 0.25
 
 
 def chunk_bytes_per_token(vocab: int, itemsize: int, softcap: bool = False) -> int:
@@ -52,6 +56,48 @@ def chunk_bytes_per_token(vocab: int, itemsize: int, softcap: bool = False) -> i
 def chunk_tokens(vocab: int, budget_bytes: int, itemsize: int, softcap: bool = False) -> int:
     """Tokens per chunk so that one chunk's logits and gradient fit ``budget_bytes`` (at least 1)."""
     return max(1, budget_bytes // chunk_bytes_per_token(vocab, itemsize, softcap))
+
+
+def auto_chunk_tokens(vocab: int, hidden: int, itemsize: int, softcap: bool = False,
+                      free_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk when no budget is given: as many as make one chunk's logits and gradient as large as the
+    (V, H) head in the matmul dtype, at most ``FREE_FRACTION`` of ``free_bytes``, rounded down to a multiple of
+    ``ROW_MULTIPLE`` (at least one multiple).
+
+    Why the head's size: every chunk reads the whole head twice (its logits, then the hidden gradient), so a
+    chunk of n rows does n multiply-adds per head value read. A fixed byte budget makes n shrink as the
+    vocabulary grows (64 MiB is 87 bf16 tokens at 128k) and the products memory-bound; a chunk as large as the
+    head gives n ≈ H·itemsize / (4 + itemsize) rows whatever the vocabulary (1,344 at H=4,096 in bf16), past
+    the ≈300 multiply-adds per byte where an H100's bf16 products stop waiting on memory, for the memory the
+    head itself already takes.
+
+    Args:
+        free_bytes: what the device has free now (:func:`free_memory`); None: no bound but the head's size.
+    """
+    budget = vocab * hidden * itemsize
+    if free_bytes is not None:
+        budget = min(budget, int(free_bytes * FREE_FRACTION))
+    rows = budget // chunk_bytes_per_token(vocab, itemsize, softcap)
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes a chunk could take on ``device`` now: on CUDA the driver's free memory plus what torch's caching
+    allocator holds unused (``torch.cuda.mem_get_info``, ``memory_reserved - memory_allocated``); on any other
+    device None, so the chunk is bounded by the head's size alone (host memory already holds the head)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def loss_chunk_tokens(vocab: int, hidden: int, itemsize: int, softcap: bool, chunk_bytes: Optional[int],
+                      free_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk: from ``chunk_bytes`` when the user gave a budget (:func:`chunk_tokens`), else the
+    automatic rule (:func:`auto_chunk_tokens`). The loss and the planner both ask this."""
+    if chunk_bytes is not None:
+        return chunk_tokens(vocab, chunk_bytes, itemsize, softcap)
+    return auto_chunk_tokens(vocab, hidden, itemsize, softcap, free_bytes)
 
 
 def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe: torch.Tensor,
@@ -169,7 +215,7 @@ def chunked_cross_entropy(
     shift_labels: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
 ) -> torch.Tensor:
     """transformers' causal-LM loss of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
@@ -184,7 +230,8 @@ def chunked_cross_entropy(
             ``labels`` is ignored, as in transformers (context parallelism passes both).
         logit_scale: multiply the logits by this before the softmax (Cohere; Granite: 1/logits_scaling).
         softcap: ``cap·tanh(logits/cap)`` before the softmax (Gemma 2/3's final_logit_softcapping).
-        chunk_bytes: byte budget of one chunk's logits and gradient (:func:`chunk_tokens`).
+        chunk_bytes: byte budget of one chunk's logits and gradient (:func:`chunk_tokens`); None: chunks as
+            large as the head, bounded by the device's free memory (:func:`auto_chunk_tokens`).
 
     Returns:
         A 0-d fp32 loss. Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would.
@@ -211,7 +258,8 @@ def chunked_cross_entropy(
         denominator = (targets != ignore_index).sum().float()
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=hidden2d.device).float()
-    rows = chunk_tokens(weight.shape[0], chunk_bytes, weight.element_size(), softcap is not None)
+    free = None if chunk_bytes is not None else free_memory(weight.device)
+    rows = loss_chunk_tokens(*weight.shape, weight.element_size(), softcap is not None, chunk_bytes, free)
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropy.apply(hidden2d, weight, bias, targets, denominator, ignore_index,
                                         float(logit_scale), softcap, rows)
@@ -263,7 +311,7 @@ def _is_causal_lm_loss(model: nn.Module) -> bool:
     return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
-def check_model(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[nn.Module, float, Optional[float]]:
+def check_model(model: nn.Module, chunk_bytes: Optional[int] = None) -> tuple[nn.Module, float, Optional[float]]:
     """The model's output head and its (scale, softcap), if the chunked loss can stand in for its loss.
 
     Raises:
@@ -285,8 +333,10 @@ def check_model(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tup
     if not _is_causal_lm_loss(model):
         raise InputError(f"chunked_loss: {name} computes its loss with {getattr(model, 'loss_type', None)!r}, "
                          "not the causal-LM cross-entropy; pass chunked_loss=False")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise InputError(f"chunked_loss: loss_chunk_bytes={chunk_bytes!r} must be a positive number of bytes")
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise InputError(f"chunked_loss: loss_chunk_bytes={chunk_bytes!r} must be a positive number of bytes, or "
+                         "None for chunks sized from the head and free memory")
     return (head, *logit_transform(model))
 
 
@@ -300,7 +350,7 @@ class ChunkedLoss:
       output, with ``logits=None`` (plus a MoE router loss, as the model's forward would add).
     """
 
-    def __init__(self, model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, model: nn.Module, chunk_bytes: Optional[int] = None) -> None:
         head, self.scale, self.softcap = check_model(model, chunk_bytes)
         self.head = head
         self.chunk_bytes = chunk_bytes
@@ -361,7 +411,7 @@ class ChunkedLoss:
         return type(output)(loss=loss, logits=None, **fields)
 
 
-def attach_chunked_loss(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ChunkedLoss:
+def attach_chunked_loss(model: nn.Module, chunk_bytes: Optional[int] = None) -> ChunkedLoss:
     """Make ``model(..., labels=...)`` in training mode return the chunked loss and ``logits=None``.
 
     Evaluation (``model.eval()``), calls without labels, and TRL's own fused head

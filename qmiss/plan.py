@@ -47,7 +47,7 @@ from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
 from qmiss.experts import expert_params, experts_shape, is_experts_module
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import adapter_shape, expert_backward_bytes
-from qmiss.loss import chunk_bytes_per_token, chunk_tokens
+from qmiss.loss import chunk_bytes_per_token, loss_chunk_tokens
 from qmiss.model import check_targets, output_head, target_shape, unreachable_weights
 from qmiss.offload import check_host_embeddings, host_bytes
 from qmiss.ops import chunk_rows
@@ -512,12 +512,15 @@ def _mask_bytes(step: _Step) -> int:
 
 def _loss(step: _Step) -> tuple[dict[str, int], int]:
     """The loss's backward on top of what is saved: one chunk of logits and gradient (chunked loss) or the
-    fp32 logits, their log-softmax and gradient; plus, under 16-bit autocast, the 16-bit copy of an fp32 head."""
+    fp32 logits, their log-softmax and gradient; plus, under 16-bit autocast, the 16-bit copy of an fp32 head.
+    With no ``loss_chunk_bytes`` the chunk is the rule's with no free-memory bound, the most it picks: on a GPU
+    short of memory the chunk is smaller, never larger."""
     s, tokens, e = step.settings, step.tokens, step.e
     items: dict[str, int] = {}
     if s.chunked_loss:
         softcap = getattr(step.hf_config, "final_logit_softcapping", None) is not None
-        rows = min(tokens, chunk_tokens(step.vocab, s.loss_chunk_bytes, e, softcap))
+        hidden = step.head.weight.shape[1] if step.head is not None else step.hidden
+        rows = min(tokens, loss_chunk_tokens(step.vocab, hidden, e, softcap, s.loss_chunk_bytes))
         # one chunk's logits and gradient; the head's input (N, H), its copy in the matmul dtype, its gradient
         chunk = rows * chunk_bytes_per_token(step.vocab, e, softcap)
         loss_bytes = chunk + tokens * step.hidden * (step.e_stream + e + (e if step.e_stream != e else 0))
@@ -580,6 +583,8 @@ def plan_memory(
     given.update(qmiss_settings)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", given.get("r", DEFAULTS.r)),
                         ("loss_chunk_bytes", given.get("loss_chunk_bytes", DEFAULTS.loss_chunk_bytes))):
+        if value is None and name == "loss_chunk_bytes":  # the chunk sized from the head
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise InputError(f"{spelled(name)}={value!r} must be a positive integer")
     s = QMissConfig.from_settings(given, "plan_memory")  # validates mode, bits, mini_r

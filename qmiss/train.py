@@ -93,8 +93,9 @@ class ModelArguments:
     chunked_loss: bool = field(default=COMMAND["chunked_loss"], metadata={
         "help": "Compute the training loss chunk by chunk of tokens, never the full logits (--chunked_loss false: "
                 "transformers' own loss)."})
-    loss_chunk_mib: int = field(default=DEFAULTS.loss_chunk_bytes // 2**20,
-                                metadata={"help": "Chunked loss: MiB of logits and gradient per chunk."})
+    loss_chunk_mib: Optional[int] = field(default=None, metadata={
+        "help": "Chunked loss: MiB of logits and gradient per chunk (default: chunks as large as the output head, "
+                "at most a quarter of the free GPU memory)."})
     offload_activations: bool = field(default=DEFAULTS.offload_activations, metadata={
         "help": "Keep the checkpointed layer inputs in pinned host memory until backward (a GPU-memory saving "
                 "for long sequences; a no-op on the CPU)."})
@@ -239,7 +240,8 @@ def _qmiss_settings(model_args: ModelArguments) -> dict:
     settings = dict(r=model_args.miss_r, bits=bits if isinstance(bits, int) else None, mini_r=model_args.mini_r,
                     target_modules=model_args.target_modules or "all-linear", dropout=model_args.miss_dropout,
                     quant_type=model_args.quant_type, double_quant=model_args.double_quant,
-                    chunked_loss=model_args.chunked_loss, loss_chunk_bytes=model_args.loss_chunk_mib * 2**20,
+                    chunked_loss=model_args.chunked_loss,
+                    loss_chunk_bytes=None if model_args.loss_chunk_mib is None else model_args.loss_chunk_mib * 2**20,
                     offload_activations=model_args.offload_activations,
                     embeddings_on_host=model_args.embeddings_on_host,
                     rank_pattern=parse_rank_pattern(model_args.rank_pattern) if model_args.rank_pattern else None)
@@ -258,7 +260,7 @@ def check_model_args(model_args: ModelArguments) -> str:
     """
     if model_args.bits not in BITS:
         raise InputError(f"--bits {model_args.bits!r} is not one of {list(BITS)}")
-    if model_args.loss_chunk_mib <= 0:
+    if model_args.loss_chunk_mib is not None and model_args.loss_chunk_mib <= 0:
         raise InputError(f"--loss_chunk_mib {model_args.loss_chunk_mib} must be a positive number of MiB, e.g. 64")
     name = model_args.base_model_name_or_path
     if name is not None:

@@ -46,7 +46,8 @@ def test_the_command_states_no_default_of_its_own_but_the_ones_it_explains() -> 
     command = FRONT_END_DEFAULTS["qmiss-train"]
     read = {"r": flags.miss_r, "quant_type": flags.quant_type, "double_quant": flags.double_quant,
             "dropout": flags.miss_dropout, "chunked_loss": flags.chunked_loss,
-            "loss_chunk_bytes": flags.loss_chunk_mib * 2**20, "offload_activations": flags.offload_activations,
+            "loss_chunk_bytes": None if flags.loss_chunk_mib is None else flags.loss_chunk_mib * 2**20,
+            "offload_activations": flags.offload_activations,
             "embeddings_on_host": flags.embeddings_on_host}
     for name, value in read.items():
         assert value == command.get(name, getattr(DEFAULTS, name)), name
@@ -68,7 +69,7 @@ def test_the_planner_reads_the_same_settings() -> None:
         plan_memory(config, settings={"r": 16})
     parser_defaults = {a.dest: a.default for a in cli.plan_parser()._actions}
     assert parser_defaults["r"] == DEFAULTS.r and parser_defaults["mode"] == DEFAULTS.mode
-    assert parser_defaults["loss_chunk_mib"] * 2**20 == DEFAULTS.loss_chunk_bytes
+    assert parser_defaults["loss_chunk_mib"] is DEFAULTS.loss_chunk_bytes is None  # chunks sized from the head
 
 
 def test_every_setting_has_a_default_and_an_explanation() -> None:

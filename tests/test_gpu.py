@@ -382,3 +382,36 @@ def test_qmiss_train_on_two_gpus(tmp_path, tiny_model_dir: str, jsonl: str) -> N
     assert qmiss.read_adapter(out)[0].r == 16
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(0.6)  # 3 steps × 2 ranks × 2 rows = 12 of 20 rows: both ranks trained
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("leave_free", [None, 2 * 2**30], ids=["all-free", "2GiB-free"])
+def test_the_loss_chunk_follows_the_head_and_cudas_free_memory(leave_free) -> None:
+    """Llama-3-8B's head (128,256 × 4,096 bf16, 1 GiB) on 4,096 tokens: with the card free, chunks as large as the
+    head (1,344 rows); with 2 GiB left free, at most a quarter of that (640 rows). The peak the loss adds is one
+    chunk plus the hidden gradient, as the planner counts it."""
+    from qmiss.loss import auto_chunk_tokens, chunk_bytes_per_token, chunked_cross_entropy, free_memory
+
+    vocab, hidden, tokens = 128256, 4096, 4096
+    device = torch.device(DEVICE)
+    gen = torch.Generator(device).manual_seed(0)
+    w = torch.randn(vocab, hidden, device=device, dtype=BF16, generator=gen) * hidden**-0.5
+    h = torch.randn(tokens, hidden, device=device, dtype=BF16, generator=gen).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    blocker = None
+    if leave_free is not None:  # take all but leave_free of what is free
+        torch.cuda.empty_cache()
+        blocker = torch.empty(free_memory(device) - leave_free, dtype=torch.uint8, device=device)
+    free = free_memory(device)
+    total = torch.cuda.mem_get_info(device)[1]
+    assert 0 < free <= total
+    rows = auto_chunk_tokens(vocab, hidden, 2, free_bytes=free)
+    assert rows == auto_chunk_tokens(vocab, hidden, 2, free_bytes=None if leave_free is None else leave_free)
+    chunk = rows * chunk_bytes_per_token(vocab, 2)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    chunked_cross_entropy(h, w, shift_labels=labels).backward()
+    added = torch.cuda.max_memory_allocated(device) - before
+    assert chunk <= added <= chunk + 4 * tokens * hidden * 2, (added, chunk)
+    del blocker

@@ -13,7 +13,8 @@ from torch import nn
 
 import qmiss
 from qmiss.inputs import InputError
-from qmiss.loss import chunk_tokens, chunked_cross_entropy, logit_transform
+from qmiss.loss import (ROW_MULTIPLE, auto_chunk_tokens, chunk_bytes_per_token, chunk_tokens, chunked_cross_entropy,
+                        logit_transform)
 from qmiss.memory import measure_peak
 from qmiss.offload import attach_offload
 from tests.helpers import tiny_llama
@@ -151,6 +152,37 @@ def test_the_logits_never_exist() -> None:
                            exclude=[h, w])
     assert plain.peak_bytes >= 2 * logits_bytes
     assert chunked.peak_bytes <= 2**20 + 3 * h.numel() * 4  # one chunk; the hidden gradient and its scaled copy
+
+
+HEADS = {"llama3-8b-bf16": (128256, 4096, 2, False), "llama2-7b-bf16": (32000, 4096, 2, False),
+         "smollm2-fp32": (49152, 576, 4, False), "gemma2-9b-softcap-bf16": (256000, 3584, 2, True)}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_the_automatic_chunk_is_as_large_as_the_head_in_rows_of_64(head: str) -> None:
+    vocab, hidden, itemsize, softcap = HEADS[head]
+    per_token, head_bytes = chunk_bytes_per_token(vocab, itemsize, softcap), vocab * hidden * itemsize
+    rows = auto_chunk_tokens(vocab, hidden, itemsize, softcap)
+    assert rows % ROW_MULTIPLE == 0 and rows * per_token <= head_bytes < (rows + ROW_MULTIPLE) * per_token
+    # a fixed 64 MiB budget gives fewer rows the larger the vocabulary (87 at 128k in bf16); this rule does not
+    assert rows > chunk_tokens(vocab, 64 * 2**20, itemsize, softcap)
+    # free memory bounds it: a quarter of what is free, still whole multiples of 64, never below one multiple
+    free = 8 * rows * per_token // 2
+    bounded = auto_chunk_tokens(vocab, hidden, itemsize, softcap, free_bytes=free)
+    assert bounded % ROW_MULTIPLE == 0 and bounded * per_token <= free // 4 < (bounded + ROW_MULTIPLE) * per_token
+    assert auto_chunk_tokens(vocab, hidden, itemsize, softcap, free_bytes=0) == ROW_MULTIPLE
+
+
+def test_without_a_budget_the_loss_holds_one_head_sized_chunk() -> None:
+    """1,024 tokens through a 4,096 × 256 fp32 head (4 MiB): chunks of 256 rows, each 4 MiB of logits and
+    gradient; the old 64 MiB default held all 1,024 rows (16 MiB) at once."""
+    h, w, _, labels = inputs(batch=1, seq=1024, hidden=256, vocab=4096)
+    w.requires_grad_(False)
+    rows = auto_chunk_tokens(4096, 256, 4)
+    chunk = rows * chunk_bytes_per_token(4096, 4)
+    assert rows < 1024
+    report = measure_peak(lambda: chunked_cross_entropy(h, w, labels).backward(), exclude=[h, w])
+    assert chunk <= report.peak_bytes <= chunk + 3 * h.numel() * 4  # one chunk; the hidden gradient and its copy
 
 
 # --- inside a model -----------------------------------------------------------------------------------------

@@ -186,6 +186,24 @@ def test_plan_matches_measurement_with_the_chunked_loss_on_a_big_vocabulary(big_
            batch=1, seq=1024, chunked_loss=True)
 
 
+@pytest.mark.parametrize("loss_chunk_bytes", [None, 64 * 2**20], ids=["head-sized", "64MiB"])
+def test_plan_follows_the_loss_chunk_rule(loss_chunk_bytes) -> None:
+    """A 32,768 × 256 fp32 head (32 MiB) and 2,048 tokens: without a budget the rule's chunks of 256 rows (32 MiB),
+    with 64 MiB chunks of 512 rows; the loss's backward is the step's peak, and the two plans differ by 30%."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plan = _check(config, model, 4, "default", True, batch=1, seq=2048, chunked_loss=True,
+                  loss_chunk_bytes=loss_chunk_bytes)
+    assert plan.peak_phase == "loss backward"
+    rows = 256 if loss_chunk_bytes is None else 512
+    assert any(key.startswith(f"chunked loss: {rows}-token chunk") for key in plan.items), plan.items
+
+
 def test_plan_command_prints_the_breakdown_and_the_card(tmp_path, smollm2_dir, capsys) -> None:
     smollm2_dir = str(smollm2_dir)
     assert cli.main(["plan", "--config", smollm2_dir, "--bits", "4", "--r", "64", "--gpu-gb", "8"]) == 0
@@ -237,7 +255,9 @@ def test_qmiss_command_lists_its_subcommands(capsys) -> None:
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 def test_plan_follows_packed_sequences(smollm2_dir, checkpointing: bool) -> None:
     """Packed sequences (qmiss-train's default) make SDPA take a mask: the bool mask, each layer's float copy of it
-    and k/v repeated to every head. The planned difference from an unpacked step is the measured one (±10%)."""
+    and k/v repeated to every head. The planned difference from an unpacked step is the measured one (±10%).
+    The loss's chunk is held at 64 MiB: the head-sized default (113 MiB here) makes the unpacked step's peak the
+    loss's, which the mask barely touches, and the difference would no longer measure the mask's cost."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -249,7 +269,7 @@ def test_plan_follows_packed_sequences(smollm2_dir, checkpointing: bool) -> None
     measured, planned = {}, {}
     for packing in (False, True):
         model = qmiss.prepare_qmiss(copy.deepcopy(base), r=64, bits=4, gradient_checkpointing=checkpointing,
-                                    chunked_loss=True)
+                                    chunked_loss=True, loss_chunk_bytes=64 * 2**20)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -265,7 +285,8 @@ def test_plan_follows_packed_sequences(smollm2_dir, checkpointing: bool) -> None
         measured[packing] = resident_bytes(model, optimizer) + measure_peak(step).peak_bytes
         planned[packing] = plan_memory(base.config, bits=4, r=64, batch_size=batch, seq_len=seq,
                                        gradient_checkpointing=checkpointing, optimizer="adamw",
-                                       compute_dtype=torch.float32, chunked_loss=True, packing=packing).peak_bytes
+                                       compute_dtype=torch.float32, chunked_loss=True, packing=packing,
+                                       loss_chunk_bytes=64 * 2**20).peak_bytes
     assert abs(planned[True] / measured[True] - 1) <= TOLERANCE
     extra_measured, extra_planned = measured[True] - measured[False], planned[True] - planned[False]
     assert extra_measured > 0 and abs(extra_planned / extra_measured - 1) <= 0.10, (extra_planned, extra_measured)
