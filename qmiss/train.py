@@ -139,6 +139,9 @@ class QMissTrainingArguments(TrainingArguments):
             default=None, metadata={"help": "The reference script's flag: warm up over this fraction of the steps."})
     ddp_find_unused_parameters: Optional[bool] = field(
         default=False, metadata={"help": "DDP: every adapter takes part in every step, so no search for unused ones."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "transformers' filter of non-finite losses out of the logged mean; off here, as it reads every "
+                "micro-step's loss on the host (a GPU sync) and qmiss stops the run on a non-finite loss anyway."})
 
     def __post_init__(self) -> None:
         if not _HAS_WARMUP_RATIO and self.warmup_ratio:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import qmiss
+from qmiss.trainer import NonfiniteLoss
 from tests.helpers import free_port, tiny_llama, train_args as args
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
@@ -67,6 +69,35 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path) ->
     for key, value in expected.items():
         # fp32: the all-reduce sums in another order; AdamW's normalisation magnifies that for tiny gradients
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+
+
+def _nonfinite_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Two micro-steps under DDP; rank 1's second loss is NaN, rank 0's are finite. Then one check."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(_model(), init_sync=False)
+    watch = NonfiniteLoss()
+    ids = _batch(0)[rank * 2:(rank + 1) * 2]
+    for step in (1, 2):
+        loss = ddp(input_ids=ids, labels=ids).loss.detach()
+        watch.record(loss * float("nan") if rank == 1 and step == 2 else loss, step, {"input_ids": ids})
+    try:
+        watch.check(ddp)  # the diagnosing forward under DDP broadcasts buffers: both ranks must run it
+        outcome = "no error"
+    except FloatingPointError as error:
+        outcome = str(error)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as file:
+        file.write(outcome)
+    dist.barrier()  # a rank left waiting in a collective alone would make this time out
+    os._exit(0)
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path) -> None:
+    mp.spawn(_nonfinite_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank1.startswith("non-finite loss (nan) at step 2; stopped"), rank1  # NaN put in after the forward
+    assert rank0.startswith("non-finite loss on another rank; stopped"), rank0
 
 
 LAUNCHERS = {

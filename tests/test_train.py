@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import qmiss
+import qmiss.trainer
 from qmiss import demo, train
 from tests.helpers import train_args as args
 
@@ -161,10 +164,44 @@ def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_mod
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
         args=train.QMissTrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                                           report_to=[], use_cpu=True, save_strategy="steps", save_steps=1))
-    with pytest.raises(FloatingPointError, match=r"non-finite loss \(.*\) at step 1; first non-finite output: "
-                                                 r"model\.layers\.1\.mlp\.up_proj"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(.*\) at step 1; first non-finite output on the "
+                                                 r"last micro-batch: model\.layers\.1\.mlp\.up_proj"):
         trainer.train()
     assert not (tmp_path / "adapter_model.safetensors").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_the_loss_check_syncs_the_host_only_on_steps_that_report(tmp_path, tiny_model_dir: str, monkeypatch) -> None:
+    """8 micro-steps (4 steps of 2), logging every 4 steps, no saves: qmiss reads a tensor on the host once (before
+    the last step, which logs and ends the run), not once per micro-step; qmiss-train's arguments turn off
+    transformers' own per-micro-step read (logging_nan_inf_filter)."""
+    import sys
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = qmiss.prepare_qmiss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=16, bits=4)
+    data = train.DataArguments()
+    rows = [train.encode(tokenizer, r["query"], r["response"], data) for r in demo.arithmetic_problems(16, 0)]
+    reads: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if "qmiss" in Path(caller).parts:
+                reads.append(f"{_name} in {caller}")
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    arguments = train.QMissTrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                             gradient_accumulation_steps=2, logging_steps=4, save_strategy="no",
+                                             report_to=[], use_cpu=True)
+    assert arguments.logging_nan_inf_filter is False
+    trainer = train.QMissTrainer(model=model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), args=arguments)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert reads == [f"item in {Path(qmiss.trainer.__file__)}"], reads
 
 
 def conversations(n: int) -> list[list[dict[str, str]]]:
