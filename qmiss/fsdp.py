@@ -70,32 +70,54 @@ def fsdp_auto_wrap_policy(model: nn.Module, layer_classes: Optional[Iterable[str
     return functools.partial(_or_policy, policies=[adapters, layers])
 
 
+def mixed_precision_policy(param_dtype: torch.dtype, fsdp_version: int = 1):
+    """FSDP's mixed precision for a qmiss model: parameters in ``param_dtype`` for compute, gradients reduced in
+    fp32, buffers left as they are.
+
+    ``MixedPrecision(buffer_dtype=bf16)`` (what accelerate's plugin sets for ``--mixed_precision bf16``) turns
+    RoPE's ``inv_freq`` into bf16, whose angles drift by radians at 4k positions, and a bf16 ``reduce_dtype``
+    sums the adapters' gradients over ranks in bf16: neither is what one process computes.
+    """
+    if fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=None)
+
+
 def fsdp_mixed_precision(model: nn.Module):
-    """FSDP1 ``MixedPrecision`` whose param dtype is the storage dtype (None for a uint8/8-bit model).
+    """FSDP1 ``MixedPrecision`` whose param dtype is the storage dtype (:func:`mixed_precision_policy`: fp32
+    gradient reduction, buffers as they are).
 
     Raises:
         ValueError: the 4-bit weights are packed as uint8 (FSDP1 cannot flatten them with float tensors).
     """
-    from torch.distributed.fsdp import MixedPrecision
-
     dtype = storage_dtype(model)
     if dtype is None:
         raise ValueError(
             f"{type(model).__name__}: the 4-bit weights are packed as uint8, which FSDP1 cannot flatten with float "
             "tensors; prepare with qmiss.prepare_qmiss(..., quant_storage=torch.bfloat16), or use FSDP2 (fully_shard)"
         )
-    return MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype)
+    return mixed_precision_policy(dtype)
 
 
 def update_fsdp_plugin(plugin, model: nn.Module) -> None:
     """Set accelerate's ``FullyShardedDataParallelPlugin`` up for a qmiss model.
 
-    The qmiss twin of transformers' ``update_fsdp_plugin_peft``: FSDP1 gets
-    :func:`fsdp_auto_wrap_policy`, and a float storage dtype becomes the
-    mixed-precision dtype. FSDP2 keeps accelerate's decoder-layer policy.
+    The qmiss twin of transformers' ``update_fsdp_plugin_peft``: FSDP1 gets :func:`fsdp_auto_wrap_policy`; the
+    mixed precision's param dtype is the storage dtype (a float-stored 4-bit model) or the one the plugin
+    already had (``--mixed_precision bf16``), with fp32 gradient reduction and buffers left alone
+    (:func:`mixed_precision_policy`). FSDP2 keeps accelerate's decoder-layer policy.
     """
-    if getattr(plugin, "fsdp_version", 1) == 1:
+    version = getattr(plugin, "fsdp_version", 1)
+    if version == 1:
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-    dtype = storage_dtype(model)
+    policy = plugin.mixed_precision_policy
+    given = policy.get("param_dtype") if isinstance(policy, dict) else getattr(policy, "param_dtype", None)
+    if isinstance(given, str):
+        given = getattr(torch, given, None) or {"bf16": torch.bfloat16, "fp16": torch.float16}.get(given)
+    dtype = storage_dtype(model) or given
     if dtype is not None:
-        plugin.set_mixed_precision(dtype, override=True)
+        plugin.mixed_precision_policy = mixed_precision_policy(dtype, version)

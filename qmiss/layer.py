@@ -134,8 +134,19 @@ class MissAdapter(nn.Module):
         compute dtype, unless the user fixed it."""
         quant.follow_weight_device(self.base_layer)
         device = self.miss_block.device
+        self._synced_device = device
         self.compute_dtype = self.requested_compute_dtype or default_compute_dtype(device)
         quant.set_compute_dtype(self.base_layer, self.compute_dtype)
+
+    def _follow_device_if_moved(self) -> None:
+        """Run :meth:`_follow_device` if the adapter is on another device than when it last ran, or bitsandbytes'
+        state no longer matches the weight (:func:`qmiss.quant.state_left_behind`). FSDP1 and FSDP2 move
+        parameters by assigning ``param.data`` (FSDP1's ``_init_utils``, FSDP2's ``_fsdp_init``), which no
+        ``_apply`` sees: without this a model prepared on the CPU would keep the CPU's fp32 compute rule on the
+        GPU, and an 8-bit layer its int8 matrix and scales on the CPU. Called at the start of every forward."""
+        device = self.miss_block.device
+        if device.type != "meta" and (device != self._synced_device or quant.state_left_behind(self.base_layer)):
+            self._follow_device()
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 — nn.Module's signature
         """``.to()``, ``.cuda()`` and the Trainer's move all end here: move, then re-sync (see :meth:`_follow_device`)."""
@@ -267,6 +278,7 @@ class MissLinear(MissAdapter):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._follow_device_if_moved()
         if self.merged or self.disabled:  # merged: the base weight already holds the adapter
             return self._base(x)
         if self.mode == "bat":
@@ -388,6 +400,7 @@ class MissExperts(MissAdapter):
         """(S, in) tokens sorted by expert, ``counts[e]`` of them for expert e -> (S, out)."""
         if sum(counts) != x.shape[0]:
             raise ValueError(f"{self.name}: {x.shape[0]} tokens, but the counts per expert add up to {sum(counts)}")
+        self._follow_device_if_moved()
         if self.merged or self.disabled:
             return self._experts(x, counts, None)
         return self.adapter(lambda block: self._experts(x, counts, block))

@@ -287,6 +287,22 @@ def set_compute_dtype(module: nn.Module, dtype: torch.dtype) -> None:
         module.compute_type_is_set = True
 
 
+def state_left_behind(module: nn.Module) -> bool:
+    """Whether what bitsandbytes keeps beside the weight no longer matches it (see :func:`follow_weight_device`):
+    a 4-bit quant state on another device, or an 8-bit layer whose ``CB`` is not its weight's storage or whose
+    row scales sit elsewhere. A few attribute reads: cheap enough for every forward."""
+    bits, weight = quant_bits(module), module.weight
+    if bits == 4:
+        state = _quant_state(module)
+        return state is not None and state.absmax.device != weight.device
+    if bits == 8 and isinstance(weight, bnb.nn.Int8Params):
+        cb = [t for t in (module.state.CB, getattr(weight, "CB", None)) if t is not None]
+        scb = [t for t in (module.state.SCB, getattr(weight, "SCB", None)) if t is not None]
+        return (any(t.data_ptr() != weight.data_ptr() for t in cb)
+                or any(t.device != weight.device for t in scb))
+    return False
+
+
 def follow_weight_device(module: nn.Module) -> None:
     """Move what bitsandbytes keeps beside a layer's weight to the weight's device, in place.
 
@@ -305,17 +321,17 @@ def follow_weight_device(module: nn.Module) -> None:
         if state is not None and state.absmax.device != device:
             state.to(device)
     elif bits == 8:
+        state = module.state
+        if state.SCB is not None:  # the row scales follow the weight whatever holds it
+            state.SCB = state.SCB.to(device)
         if not isinstance(weight, bnb.nn.Int8Params):  # e.g. a view into an FSDP flat parameter: not ours to re-point
             return
-        state = module.state
         if getattr(weight, "CB", None) is not None:
             weight.CB = weight.data  # CB is the int8 matrix itself
         if getattr(weight, "SCB", None) is not None:
             weight.SCB = weight.SCB.to(device)
         if state.CB is not None:
             state.CB = weight.data
-        if state.SCB is not None:
-            state.SCB = state.SCB.to(device)
 
 
 def _int8_scales(module: nn.Module) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import resource
 import sys
 import time
@@ -294,7 +295,41 @@ def tokenizer_for(path: str):
     return tokenizer
 
 
-def load_model(model_args: ModelArguments, device: torch.device, path: Optional[str] = None):
+def fsdp_version(train_args: TrainingArguments) -> Optional[int]:
+    """The FSDP version this run will shard with, None without FSDP: ``accelerate launch --use_fsdp`` (its
+    environment: ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, 1 by default) or the Trainer's ``--fsdp`` flag
+    (``fsdp_config``'s ``version``, 2 by default in transformers 5)."""
+    if train_args.fsdp:
+        return int((train_args.fsdp_config or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def check_fsdp(model_args: ModelArguments, train_args: TrainingArguments) -> Optional[int]:
+    """Refuse, before anything loads, the FSDP runs that cannot work; returns :func:`fsdp_version`.
+
+    Raises:
+        InputError: FSDP on the CPU (accelerate shards only on accelerators: on the CPU its plugin refuses
+            ``sync_module_states``, or the ranks silently run DDP), or 8-bit weights under FSDP1 (it cannot
+            flatten int8 tensors).
+    """
+    version = fsdp_version(train_args)
+    if version is None:
+        return None
+    if train_args.device.type == "cpu":
+        raise InputError(
+            f"FSDP (version {version}) with --use_cpu: accelerate shards only on GPUs; on the CPU drop --use_fsdp / "
+            "--fsdp and launch with --multi_gpu (DDP over gloo), or run on GPUs")
+    if version == 1 and BITS[model_args.bits] == 8:
+        raise InputError(
+            "--bits 8 under FSDP1: FSDP1 cannot flatten int8 weights; use --bits 4 (its packed weights are then "
+            "stored in the compute dtype for FSDP1) or FSDP2 (--fsdp_version 2)")
+    return version
+
+
+def load_model(model_args: ModelArguments, device: torch.device, path: Optional[str] = None,
+               fsdp: Optional[int] = None):
     """The base model (4/8-bit through BitsAndBytesConfig, or 16/32-bit) made a qmiss model.
 
     Args:
@@ -302,6 +337,9 @@ def load_model(model_args: ModelArguments, device: torch.device, path: Optional[
         device: where this process trains (``TrainingArguments.device``: ``cuda:LOCAL_RANK`` under a launcher).
         path: what :func:`check_model_args` returned; it is called here when not given. A GGUF file is converted
             once into the cache (:func:`qmiss.gguf_file.converted_folder`) and loaded from there.
+        fsdp: the FSDP version the run shards with (:func:`check_fsdp`). Under FSDP1, 4-bit weights are stored in
+            the compute dtype (``bnb_4bit_quant_storage``, as QLoRA with FSDP needs), so FSDP1 can flatten them
+            with the other frozen tensors of a decoder layer (see :mod:`qmiss.fsdp`).
     """
     path = path or check_model_args(model_args)
     if is_gguf(path):
@@ -312,7 +350,8 @@ def load_model(model_args: ModelArguments, device: torch.device, path: Optional[
     if isinstance(bits, int):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=model_args.quant_type,
-            bnb_4bit_use_double_quant=model_args.double_quant, bnb_4bit_compute_dtype=compute)
+            bnb_4bit_use_double_quant=model_args.double_quant, bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute if fsdp == 1 else torch.uint8)
     kwargs["device_map"] = device_map_for(device)
     with hub_access():
         try:
@@ -470,6 +509,7 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     if "{query}" not in data_args.prompt_template and not data_args.chat_template:
         raise InputError(f"--prompt_template {data_args.prompt_template!r} has no {{query}}: the query would be lost")
     path = check_model_args(model_args)
+    fsdp = check_fsdp(model_args, train_args)
     rows = load_rows(data_args)
     resume = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     tokenizer = tokenizer_for(path)
@@ -477,7 +517,7 @@ def run(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> d
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     if data_args.packing:
         dataset = pack(dataset, data_args.model_max_length)
-    model = load_model(model_args, device, path)
+    model = load_model(model_args, device, path, fsdp)
     trainable, total = trainable_parameters(model)
 
     held_out = arithmetic_problems(data_args.demo_eval_size, seed=1) if demo else []

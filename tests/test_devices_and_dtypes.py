@@ -181,3 +181,58 @@ def test_8bit_bat_computes_with_the_dequantized_weight_in_train_and_eval() -> No
         int8 = layer.base_layer.eval()(x)
     gap = ((dequantized - int8).norm() / int8.norm()).item()
     assert 1e-4 < gap < 2e-2, gap  # LLM.int8's activation rounding: a few 1e-3 relative
+
+
+# --- moves no _apply sees (FSDP1 and FSDP2 assign param.data) ----------------------------------------------------
+
+
+def _move_data(module: torch.nn.Module) -> None:
+    """What FSDP's moves do to a module, on one device: every ``param.data`` replaced, no ``_apply``."""
+    for param in module.parameters():
+        param.data = param.data.clone()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_8bit_state_follows_a_param_data_move_at_forward(training: bool) -> None:
+    layer = MissLinear(make_base(8, 128, 64), r=16).train(training)
+    randomize(layer)
+    x = torch.randn(3, 128)
+    before = layer(x).detach()
+    _move_data(layer)
+    base = layer.base_layer
+    assert base.state.CB is None or base.state.CB.data_ptr() != base.weight.data_ptr()  # left behind by the move
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    assert base.state.CB is None or base.state.CB.data_ptr() == base.weight.data_ptr()
+
+
+def test_compute_dtype_follows_a_move_no_apply_sees(monkeypatch) -> None:
+    """A layer that last resolved its compute dtype on another device (here: the meta device, where a model can be
+    prepared before FSDP materializes it) resolves it again at its next forward, from where its adapter is."""
+    free = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4)
+    fixed = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, compute_dtype=torch.float32)
+    for model in (free, fixed):
+        for _, layer in qmiss.miss_layers(model):
+            layer._synced_device = torch.device("meta")  # what the layer saw when it last followed its device
+    monkeypatch.setattr("qmiss.layer.default_compute_dtype", lambda device: torch.bfloat16)  # the rule on a GPU
+    ids = torch.randint(0, 128, (1, 8))
+    free(ids), fixed(ids)
+    for _, layer in qmiss.miss_layers(free):
+        assert layer.compute_dtype == torch.bfloat16 and layer.base_layer.compute_dtype == torch.bfloat16
+    for _, layer in qmiss.miss_layers(fixed):
+        assert layer.compute_dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_a_param_data_move_to_the_gpu_computes_in_the_gpu_dtype(bits: int) -> None:
+    """FSDP's move for real: a model prepared on the CPU, its param.data assigned on the GPU, computes in bf16
+    with its 8-bit state on the GPU."""
+    model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=bits)
+    for param in model.parameters():
+        param.data = param.data.cuda()
+    for buffer_owner in model.modules():
+        for name, buffer in list(buffer_owner.named_buffers(recurse=False)):
+            setattr(buffer_owner, name, buffer.cuda())
+    ids = torch.randint(0, 128, (1, 8), device="cuda")
+    assert torch.isfinite(model(ids).logits).all()
+    assert all(layer.compute_dtype == torch.bfloat16 for _, layer in qmiss.miss_layers(model))

@@ -236,3 +236,73 @@ def test_fsdp1_qlora_style_two_ranks_match_one_process(tmp_path, storage) -> Non
             else:  # FSDP computes with bf16 copies of the adapters (the mixed-precision param dtype)
                 cosine = torch.nn.functional.cosine_similarity(saved[name].flatten(), expected.flatten(), dim=0)
                 assert cosine > 0.99, (name, cosine)
+
+
+#: what ``accelerate launch --use_fsdp --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+#: --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer`` puts in each rank's environment (accelerate 1.16's
+#: launch.py), FSDP1 being its default
+ACCELERATE_FSDP1_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1",
+                        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                        "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_USE_ORIG_PARAMS": "false",
+                        "FSDP_SYNC_MODULE_STATES": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+
+
+def _accelerate_fsdp1_worker(rank: int, world: int, port: int, model_dir: str, data: str, out_dir: str) -> None:
+    """qmiss-train's model under accelerate's FSDP1 plugin: loaded by qmiss.train.load_model as the launch
+    environment asks, the plugin built from that environment and set up by QMissTrainer's hook, then wrapped as
+    accelerate wraps (on a GPU accelerate passes device_id=cuda:N; FSDP itself runs on gloo here)."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from qmiss import train
+    from qmiss.fsdp import update_fsdp_plugin
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **ACCELERATE_FSDP1_ENV)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model_args, _, train_args = train.parse_args(args(model_dir, data, out_dir))
+    version = train.fsdp_version(train_args)
+    assert version == 1
+    model = train.load_model(model_args, torch.device("cpu"), fsdp=version)
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch environment, as accelerate's Accelerator does
+    update_fsdp_plugin(plugin, model)
+    wrapped = FSDP(model, auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
+                   use_orig_params=plugin.use_orig_params, device_id=torch.device("cpu"))
+    wrapped.train()
+    ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(rank))
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_qmiss_train_model_under_accelerates_fsdp1_plugin(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+    """accelerate's FSDP1 (its default) flattens each decoder layer's frozen tensors into one tensor of one dtype:
+    under it qmiss-train stores the 4-bit weights in the compute dtype (uint8 would be refused: "Must flatten
+    tensors with uniform dtype")."""
+    mp.spawn(_accelerate_fsdp1_worker, args=(2, free_port(), tiny_model_dir, jsonl, str(tmp_path)), nprocs=2,
+             join=True)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_fsdp_on_the_cpu_is_refused_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir: str, jsonl: str,
+                                                          version: str) -> None:
+    """On the CPU accelerate's plugin refuses sync_module_states, or its ranks silently run DDP: one line first."""
+    from qmiss import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    with pytest.raises(train.InputError, match=rf"FSDP \(version {version}\) with --use_cpu: accelerate shards only"):
+        train.run(args(tiny_model_dir, jsonl, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_8bit_under_fsdp1_is_refused(monkeypatch, tiny_model_dir: str, jsonl: str, tmp_path) -> None:
+    from qmiss import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model_args, _, train_args = train.parse_args(args(tiny_model_dir, jsonl, tmp_path, "--bits", "8"))
+    monkeypatch.setattr(type(train_args), "device", property(lambda self: torch.device("cuda", 0)))  # as on a GPU
+    with pytest.raises(train.InputError, match="--bits 8 under FSDP1: FSDP1 cannot flatten int8"):
+        train.check_fsdp(model_args, train_args)

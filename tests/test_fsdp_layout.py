@@ -65,13 +65,29 @@ def test_mixed_precision_is_the_storage_dtype_and_plugin_update() -> None:
     from accelerate import FullyShardedDataParallelPlugin
 
     model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, quant_storage=torch.bfloat16)
-    assert fsdp_mixed_precision(model) == MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
-                                                         buffer_dtype=torch.bfloat16)
+    # gradients reduced in fp32, buffers (RoPE's inv_freq) left in theirs
+    assert fsdp_mixed_precision(model) == MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                         buffer_dtype=None)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
     update_fsdp_plugin(plugin, model)
-    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert plugin.mixed_precision_policy == fsdp_mixed_precision(model)
     assert _units(model) == [n for n, m in model.named_modules() if n and plugin.auto_wrap_policy(
         module=m, recurse=False, nonwrapped_numel=1)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_accelerates_bf16_mixed_precision_keeps_buffers_and_reduces_in_fp32(version: int) -> None:
+    """``--mixed_precision bf16`` makes accelerate's plugin cast buffers and reduce gradients in bf16; on a qmiss
+    model the plugin keeps bf16 compute, but fp32 reduction and buffers as they are."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's own
+    update_fsdp_plugin(plugin, qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, quant_storage=torch.bfloat16))
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert getattr(policy, "buffer_dtype", None) is None
 
 
 def test_fsdp_layout_errors_are_clear() -> None:
