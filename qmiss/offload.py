@@ -340,6 +340,10 @@ def check_host_embeddings(model: nn.Module) -> nn.Module:
     if head is not None and getattr(head, "weight", None) is embeddings.weight:
         raise InputError(f"embeddings_on_host: {name} ties its input embeddings to its output head "
                          "(tie_word_embeddings), which runs on the GPU; pass embeddings_on_host=False for this model")
+    if getattr(embeddings, "_hf_hook", None) is not None:
+        raise InputError(f"embeddings_on_host: {name}'s input embedding is placed by a device_map (accelerate's hook "
+                         "sends its input ids back to the GPU it was mapped to); load the model on one device "
+                         "(device_map={'': 0}) or pass embeddings_on_host=False")
     return embeddings
 
 

@@ -191,6 +191,35 @@ def _as_qmiss_config(config: object) -> QMissConfig:
                     "MissConfig); give settings by name, e.g. prepare_qmiss(model, r=64, bits=4)")
 
 
+def _is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads ``module``'s weights (an ``AlignDevicesHook`` with ``offload=True``: its weights
+    sit on the meta device and are read from the CPU or disk at each call)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook]) if h is not None)
+
+
+def check_not_offloaded(model: nn.Module, targets: list[str]) -> None:
+    """Refuse targets that a ``device_map`` offloads to the CPU or disk.
+
+    transformers leaves such layers unquantized, their weights on the meta device behind accelerate's offload
+    hooks, which look each weight up by its name at every call: wrapping them would rename the weights under
+    the hook. A target is offloaded if it or a module above it carries such a hook.
+
+    Raises:
+        InputError: naming the offloaded targets and the fix.
+    """
+    modules = dict(model.named_modules())
+    parts = {name: name.split(".") for name in targets}
+    above = {name: [".".join(p[:i]) for i in range(len(p) + 1)] for name, p in parts.items()}  # "" is the model
+    offloaded = [name for name in targets if any(p in modules and _is_offloaded(modules[p]) for p in above[name])]
+    if offloaded:
+        raise InputError(
+            f"prepare_qmiss: {len(offloaded)} target layer(s) are offloaded to the CPU or disk by the model's "
+            f"device_map ({few(offloaded)}); qmiss trains layers on a GPU: load with a device_map that keeps every "
+            "layer on GPUs (qmiss plan says what fits a card), or exclude them with exclude_modules"
+        )
+
+
 def _warn_unreachable(model: nn.Module, targets: list[str]) -> None:
     """Name the matmul weights left in 16-bit and frozen because no qmiss layer can hold them, with their share."""
     left = unreachable_weights(model)
@@ -265,6 +294,7 @@ def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **sett
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     targets = check_targets(model, config)
+    check_not_offloaded(model, targets)
     check_long_context(model, targets, config.chunked_loss, config.loss_chunk_bytes, config.embeddings_on_host)
     config.bits = _resolve_bits(model, targets, bits)
     storage = _resolve_storage(model, targets, config.bits, config.quant_storage)

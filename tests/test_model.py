@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qmiss
 from qmiss import MissLinear, quant
+from qmiss.inputs import InputError
 from qmiss.prepare import enable_checkpointing, is_checkpointing
 from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama, tiny_moe
 
@@ -366,3 +367,28 @@ def test_a_linear_with_its_own_forward_is_left_and_named() -> None:
         qmiss.prepare_qmiss(model, r=16, bits=4)
     assert type(model.model.layers[1].self_attn.o_proj) is Grouped
     assert isinstance(model.model.layers[0].self_attn.o_proj, MissLinear)
+
+
+def test_layers_a_device_map_offloads_are_refused_by_name() -> None:
+    """A device_map that offloads layers to the CPU or disk leaves their weights on the meta device behind
+    accelerate's hooks, which look them up by name: prepare_qmiss names them before touching anything."""
+    from accelerate import cpu_offload
+
+    model = tiny_llama()
+    cpu_offload(model.model.layers[1], execution_device="cpu")  # what dispatch_model does for a "cpu" entry
+    with pytest.raises(InputError, match=r"prepare_qmiss: 7 target layer\(s\) are offloaded to the CPU or disk "
+                                               r"by the model's device_map \(model\.layers\.1\.self_attn\.q_proj"):
+        qmiss.prepare_qmiss(model, r=16, bits=4)
+    assert not any(isinstance(m, MissLinear) for m in model.modules())
+
+
+def test_host_embeddings_refuse_a_device_map_hook() -> None:
+    """accelerate's AlignDevicesHook on embed_tokens (a multi-GPU device_map) would send the ids back to its GPU
+    after qmiss moved them to the host."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_llama(tie_word_embeddings=False)
+    add_hook_to_module(model.model.embed_tokens, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    with pytest.raises(InputError, match=r"embeddings_on_host: LlamaForCausalLM's input embedding is placed by "
+                                               r"a device_map .*\(device_map=\{'': 0\}\)"):
+        qmiss.prepare_qmiss(model, r=16, bits=4, embeddings_on_host=True)
