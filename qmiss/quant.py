@@ -69,6 +69,39 @@ def _bitsandbytes_own_cpu_kernels() -> Iterator[None]:
 with _bitsandbytes_own_cpu_kernels():
     import bitsandbytes as bnb
 
+
+class Int8CastNotice(logging.Filter):
+    """Say once what bitsandbytes' 8-bit layers compute in on CUDA, instead of at every call.
+
+    ``MatMul8bitLt`` casts its input to fp16 for the int8 matmul (fp16 outlier columns) whatever the
+    compute dtype, and logs "MatMul8bitLt: inputs will be cast from … to float16" at every call: about 450 lines
+    a step for a 7B model with checkpointing. This filter on bitsandbytes' logger lets the first such record
+    through, reworded to say what it means, and drops the rest.
+    """
+
+    PREFIX = "MatMul8bitLt: inputs will be cast"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args = (
+            f"qmiss: {message} — bitsandbytes' 8-bit layers compute the base product with fp16 activations on "
+            "CUDA whatever compute_dtype says; a value beyond ±65,504 (fp16's range) becomes inf there. Said once, "
+            "not at every call."), ()
+        return True
+
+
+INT8_CAST_NOTICE = Int8CastNotice()
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(INT8_CAST_NOTICE)
+
 RowDequantizer = Callable[[int, int], torch.Tensor]
 
 #: transformers' default ``llm_int8_threshold``: activations above it take the fp16 outlier path.

@@ -415,3 +415,17 @@ def test_the_loss_chunk_follows_the_head_and_cudas_free_memory(leave_free) -> No
     added = torch.cuda.max_memory_allocated(device) - before
     assert chunk <= added <= chunk + 4 * tokens * hidden * 2, (added, chunk)
     del blocker
+
+
+@pytest.mark.gpu
+def test_8bit_on_cuda_says_its_fp16_cast_once(caplog) -> None:
+    """bitsandbytes logs its fp16 cast at every 8-bit call: a training step of a bf16 model logs it once."""
+    import logging
+
+    quant.INT8_CAST_NOTICE.said = False
+    model = qmiss.prepare_qmiss(tiny_llama().to(torch.bfloat16).cuda(), r=16, bits=8)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(casts) == 1 and "65,504" in casts[0].getMessage()

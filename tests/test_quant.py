@@ -181,3 +181,19 @@ def test_stored_bytes_counts_what_bitsandbytes_stores(bits: int, dq: bool, n_in:
         expected += 4 * 16  # the 16-entry fp32 nf4/fp4 code each layer points at; the planner leaves it out
     assert stored == expected
     assert quant.row_alignment(layer) == quant.row_alignment_of(n_in, 64, bits)
+
+
+def test_bitsandbytes_8bit_cast_message_is_said_once(caplog, monkeypatch) -> None:
+    """bitsandbytes logs the fp16 cast of MatMul8bitLt at every 8-bit call on CUDA; qmiss lets one through,
+    saying what it means (fp16 activations, the ±65,504 limit), and drops the rest."""
+    import logging
+
+    monkeypatch.setattr(quant.INT8_CAST_NOTICE, "said", False)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        for _ in range(3):  # what bitsandbytes logs, in its own words
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.bfloat16)
+        logger.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and messages[1] == "something else"
+    assert "torch.bfloat16 to float16" in messages[0] and "65,504" in messages[0] and "once" in messages[0]
