@@ -148,7 +148,7 @@ def _check_qmiss_section(extra: dict, where: str, mode: str, peft_mode_source: s
 
 
 def pattern_key(patterns: dict[str, object], name: str) -> Optional[str]:
-    """The first key of ``patterns`` that matches the end of ``name`` on a name boundary, as PEFT's
+    r"""The first key of ``patterns`` that matches the end of ``name`` on a name boundary, as PEFT's
     ``get_pattern_key`` matches ``rank_pattern`` (``re.match(rf"(.*\.)?({key})$", name)``); None if none does."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
 

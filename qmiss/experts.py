@@ -89,7 +89,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     out = _project(self, down, h, counts)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids].to(out.dtype)
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # transformers 5.17's experts modules have no such flag (5.25's do)
         out = self.post_expert_norm(out)
     out = out * weights.unsqueeze(-1).to(out.dtype)
     inverse = torch.empty_like(perm)
