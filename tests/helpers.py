@@ -4,7 +4,9 @@ written straight from DESIGN.md's formulas, and qmiss-train's arguments. Fixture
 from __future__ import annotations
 
 import json
+import os
 import socket
+import urllib.request
 
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,13 @@ def tiny_moe(model_type: str, seed: int = 0, experts: int = 4, moe_intermediate_
         config.num_key_value_heads = config.num_attention_heads
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def index_unreachable() -> str | None:
+    """Why pip's package index cannot be reached (a reason to skip a test that downloads), or None."""
+    url = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/") + "/dill/"
+    try:
+        urllib.request.urlopen(url, timeout=15).close()
+    except OSError as exc:
+        return f"the package index is unreachable ({url}: {exc})"
+    return None
