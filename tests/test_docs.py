@@ -6,7 +6,8 @@
   (Llama-2-7B, Llama-3-8B); a ``qmiss-train`` command (the reference run, under ``accelerate launch``)
   needs a GPU and the hub, so its flags go through qmiss-train's own parser (types, choices, names) and
   accelerate's; ``scripts/demo.sh`` runs with a short recipe appended (its flags go to qmiss-train);
-  ``scripts/test.sh`` is what ``.ci/run`` runs; ``scripts/gpu_check.sh`` runs (without a GPU it exits at once).
+  ``scripts/test.sh`` is what ``.ci/run`` runs; ``scripts/gpu_check.sh`` runs (without a GPU it exits at once);
+  ``scripts/gpu_wheels.sh`` fills a temporary folder (skipped when the package index is unreachable).
 - ``json``: each line is a data row ``qmiss-train`` reads.
 - ``text``: the layout table names every module of qmiss/ and nothing else.
 """
@@ -26,7 +27,7 @@ import torch
 from transformers import LlamaConfig
 
 from qmiss import cli, data, train
-from tests.helpers import free_port
+from tests.helpers import free_port, index_unreachable
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -132,6 +133,12 @@ def test_bash_commands_run(page: Path, index: int, command: list[str], tmp_path,
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "held-out accuracy" in proc.stdout + proc.stderr
         assert json.loads((tmp_path / "demo/summary.json").read_text())
+    elif command == ["bash", "scripts/gpu_wheels.sh"]:
+        if reason := index_unreachable():
+            pytest.skip(reason)
+        proc = subprocess.run([*command, str(tmp_path / "whl")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert {p.name.split("-")[0] for p in (tmp_path / "whl").glob("*.whl")} >= {"bitsandbytes", "trl", "datasets"}
     elif command == ["bash", "scripts/gpu_check.sh"]:
         if torch.cuda.is_available():
             pytest.skip("on a GPU machine gpu_check.sh runs the GPU suite itself; run it by hand")
