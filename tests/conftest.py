@@ -18,15 +18,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+#: markers whose tests run only when ``-m`` names them (except cases marked ``default=True``)
+OPT_IN = ("architectures", "image")
+
+
 def _deselect_architecture_grid(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The architecture grid (marker: architectures) runs whole only when ``-m`` names it; otherwise only the
-    cases marked ``architectures(default=True)`` run (tests/test_architectures.py's DEFAULT_SUBSET)."""
-    if "architectures" in (config.getoption("markexpr") or ""):
-        return
+    """The opt-in markers (:data:`OPT_IN`): the architecture grid runs whole only when ``-m`` names it, otherwise
+    only the cases marked ``architectures(default=True)`` (tests/test_architectures.py's DEFAULT_SUBSET); the
+    GPU image's replica (marker: image, a 5 GB CUDA torch download) only when named."""
+    named = config.getoption("markexpr") or ""
     kept, dropped = [], []
     for item in items:
-        mark = item.get_closest_marker("architectures")
-        (dropped if mark is not None and not mark.kwargs.get("default") else kept).append(item)
+        marks = [item.get_closest_marker(m) for m in OPT_IN if m not in named]
+        (dropped if any(m is not None and not m.kwargs.get("default") for m in marks) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -255,7 +255,7 @@ def test_gpu_wheels_fit_and_are_for_the_image(carried_wheels) -> None:
         assert str(version) == locked[name], wheel.name
 
 
-@pytest.mark.slow
+@pytest.mark.image  # opt-in: PyPI has torch 2.11 only as a 5 GB CUDA build (the CPU one is on download.pytorch.org)
 def test_the_wheels_install_offline_into_a_fresh_312_venv_with_the_image_packages(carried_wheels, image_site,
                                                                                    tmp_path) -> None:
     """A fresh venv that sees the image's packages (a .pth to them) and has no bitsandbytes; the wheels go in with
