@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -33,6 +33,17 @@ class PeakReport:
     end_bytes: int  # bytes of those still alive when the run ended (e.g. gradients, optimizer state)
     saved_bytes: int  # unique storages autograd saved for backward, excluding the ``exclude`` tensors
     result: Any = None  # what the function returned
+
+
+def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that hold ``tensor``'s storage: itself, or for a wrapper subclass such as FSDP2's DTensor
+    (which has no storage of its own) the plain tensors inside it. A dispatch mode sees the subclass's op, not
+    the ops it then runs on its inner tensors, so those are counted through the subclass."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [] if tensor.device.type == "meta" else [tensor]
+    names, _ = tensor.__tensor_flatten__()  # may name non-tensors too (a DTensor's mesh, in torch 2.13)
+    inner = (getattr(tensor, name) for name in names)
+    return [plain for t in inner if isinstance(t, torch.Tensor) for plain in _plain(t)]
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -55,8 +66,6 @@ class LiveTensorTracker(TorchDispatchMode):
             self.live -= self._counted.pop(ptr, 0)
 
     def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
-        if tensor.device.type == "meta":
-            return
         storage = tensor.untyped_storage()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0 or ptr in inputs or ptr in self._counted:
@@ -70,14 +79,15 @@ class LiveTensorTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+            plain.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+            for plain in _plain(t)
         }
         out = func(*args, **kwargs)
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
-                self._track(item, inputs)
+                for plain in _plain(item):
+                    self._track(plain, inputs)
         return out
 
 
@@ -95,10 +105,9 @@ def resident_bytes(*holders: Any) -> int:
             tensors = [v for state in holder.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         else:
             raise TypeError(f"resident_bytes takes modules and optimizers, not {type(holder).__name__}")
-        for tensor in tensors:
-            if tensor.device.type != "meta":
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+        for plain in (plain for tensor in tensors for plain in _plain(tensor)):
+            storage = plain.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 
@@ -113,13 +122,14 @@ def measure_peak(fn: Callable[[], Any], exclude: Optional[Iterable[torch.Tensor]
     Returns:
         A :class:`PeakReport`; ``result`` holds fn's return value.
     """
-    excluded = {t.untyped_storage().data_ptr() for t in (exclude or [])}
+    excluded = {plain.untyped_storage().data_ptr() for t in (exclude or []) for plain in _plain(t)}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded and tensor.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
+        for plain in _plain(tensor):
+            storage = plain.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     tracker = LiveTensorTracker()
