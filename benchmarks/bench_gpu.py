@@ -1,21 +1,37 @@
-"""qmiss against PEFT MiSS and QLoRA on a whole Llama-2-7B-shaped 4-bit model, on one CUDA GPU.
+"""qmiss against PEFT MiSS and QLoRA on a whole Llama-2-7B-shaped 4-bit model, on one CUDA GPU; then the
+chunked loss against transformers' at Llama-3-8B's vocabulary, and FSDP2 in one process.
 
     python benchmarks/bench_gpu.py                      # 32 decoder layers (the 7B shape), 1×512, 5 timed rounds
     python benchmarks/bench_gpu.py --layers 8 --rounds 3
 
-Nothing is downloaded. Each variant gets its own model, built from Llama-2-7B's config on the meta
-device and then materialised one part at a time on the GPU: random bf16 weights (std 0.02, norms 1)
-from one seeded generator, each decoder projection replaced by an nf4 double-quant bitsandbytes layer
-(``qmiss.quant.quantize_linear``) as soon as its layer exists, so no more than one decoder layer is
-ever in bf16; embeddings, norms and head stay bf16. Every variant thus adapts the same quantized
-weights (checked by a fingerprint of the packed bytes): qmiss default and bat, PEFT MiSS default and
-bat, PEFT LoRA r=64 (alpha 16, QLoRA's recipe), r=64 on every decoder projection. A step is one 1×512
-batch, forward + backward with transformers' (non-reentrant) gradient checkpointing, then bitsandbytes'
-PagedAdamW8bit. Steps are interleaved: one warm-up step per variant, then --rounds rounds of one step
-each, the first to go rotating, every step between two ``torch.cuda.synchronize()``. Time and memory
-are reported as ratios to PEFT LoRA's, and each qmiss variant's memory against ``qmiss.plan_memory``.
+Nothing is downloaded. Three sections, each printed and written to the report as it is measured:
 
-Memory of a variant, with all five variants resident at once (what the table's notes repeat):
+1. The adapters. Each variant gets its own model, built from Llama-2-7B's config on the meta device
+   and then materialised one part at a time on the GPU: random bf16 weights (std 0.02, norms 1) from
+   one seeded generator, each decoder projection replaced by an nf4 double-quant bitsandbytes layer
+   (``qmiss.quant.quantize_linear``) as soon as its layer exists, so no more than one decoder layer is
+   ever in bf16; embeddings, norms and head stay bf16. Every variant thus adapts the same quantized
+   weights (checked by a fingerprint of the packed bytes): qmiss default, mini and bat, PEFT MiSS
+   default, mini and bat (mini_r 64), PEFT LoRA r=64 (alpha 16, QLoRA's recipe), r=64 on every decoder
+   projection. A step is one 1×512 batch, forward + backward with transformers' (non-reentrant)
+   gradient checkpointing, then bitsandbytes' PagedAdamW8bit. Steps are interleaved: one warm-up step
+   per variant, then --rounds rounds of one step each, the first to go rotating, every step between two
+   ``torch.cuda.synchronize()``. Time and memory are reported as ratios to PEFT LoRA's, and each qmiss
+   variant's memory against ``qmiss.plan_memory``.
+2. The loss (:func:`compare_losses`, after the variants are freed): forward + backward of
+   ``qmiss.loss.chunked_cross_entropy`` (chunk rows by its automatic rule) and of transformers' own path
+   (``lm_head`` logits in bf16, then ``ForCausalLMLoss``) on a frozen 128,256 × 4,096 bf16 head (Llama-3-8B's)
+   and 1×2,048 and 1×4,096 tokens: both losses and the hidden gradients' agreement, tokens/s and the
+   allocator's peak above the inputs, --loss-rounds interleaved rounds.
+3. FSDP2 (:func:`fsdp2_steps`): qmiss default on the quantized weights and batch of section 1, each decoder layer
+   and then the model under ``fully_shard`` (what accelerate's FSDP2 plugin does), in an NCCL group of one
+   process made in memory; --fsdp-rounds timed steps with torch AdamW beside the unsharded qmiss default's.
+   It shows the route runs on the GPU and what sharding costs with nothing to shard across; a real
+   several-GPU run needs several GPUs (tests/test_distributed.py runs 2 CPU processes under gloo).
+
+The measuring functions of sections 2 and 3 take a device; tests/test_bench_gpu.py runs them on the CPU.
+
+Memory of a variant in section 1, with all seven variants resident at once (what the table's notes repeat):
 - resident: ``torch.cuda.memory_allocated()`` growth while its model was built and adapted (packed
   weights, quantization state, bf16 embeddings/norms/head, adapters) plus the bytes of its optimizer's
   state tensors in the allocator (counted tensor by tensor, so kernel workspaces that the first steps
@@ -45,7 +61,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
@@ -57,9 +76,11 @@ from benchmarks.common import (  # noqa: E402
     peft_miss_variant,
 )
 from qmiss import quant  # noqa: E402
+from qmiss.loss import chunked_cross_entropy, free_memory, loss_chunk_tokens  # noqa: E402
+from qmiss.memory import measure_peak  # noqa: E402
 
 GiB = 2**30
-BATCH, SEQ, R, LR = 1, 512, 64, 1e-4
+BATCH, SEQ, R, MINI_R, LR = 1, 512, 64, 64, 1e-4  # mini: a (r, mini_r) block tiled along out_features
 REFERENCE = "PEFT LoRA r=64"
 
 
@@ -158,7 +179,8 @@ def _qmiss(mode: str) -> Callable[[nn.Module], nn.Module]:
     def build(model: nn.Module) -> nn.Module:
         import qmiss
 
-        return qmiss.prepare_qmiss(model, r=R, mode=mode, target_modules=LINEAR_NAMES, compute_dtype=torch.bfloat16,
+        return qmiss.prepare_qmiss(model, r=R, mode=mode, mini_r=MINI_R if mode == "mini" else None,
+                                   target_modules=LINEAR_NAMES, compute_dtype=torch.bfloat16,
                                    gradient_checkpointing=True)
 
     return build
@@ -178,8 +200,10 @@ def _peft(inject: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.
 
 VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "qmiss default": _qmiss("default"),
+    "qmiss mini": _qmiss("mini"),
     "qmiss bat": _qmiss("bat"),
     "PEFT MiSS default": _peft(peft_miss_variant("default", r=R)),
+    "PEFT MiSS mini": _peft(peft_miss_variant("mini", r=R, mini_r=MINI_R)),
     "PEFT MiSS bat": _peft(peft_miss_variant("bat", r=R)),
     REFERENCE: _peft(peft_lora_variant(r=R, alpha=16)),
 }
@@ -198,6 +222,7 @@ class Run:
     times: list[float] = field(default_factory=list)
     step_peaks: list[int] = field(default_factory=list)  # allocator peak of a step above what was allocated before it
     losses: list[float] = field(default_factory=list)
+    first_loss: float = math.nan  # the warm-up step's: before any update, equal for equal weights and batch
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -255,6 +280,197 @@ def measured_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
     run.losses.append(loss.item())
 
 
+# --- device-generic measuring (the CPU tests run these on tiny shapes) -----------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queue to drain (CUDA); nothing to wait for elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_on(device: torch.device, fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` takes on ``device``, between two synchronizations."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_bytes_on(device: torch.device, fn: Callable[[], object]) -> int:
+    """Most bytes ``fn()`` held above what was allocated before it: the CUDA allocator's peak on CUDA, else the
+    live-tensor peak ``qmiss.memory.measure_peak`` counts (what a GPU's allocator would have to hold)."""
+    if device.type != "cuda":
+        return measure_peak(fn).peak_bytes
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# --- the chunked loss against transformers' ---------------------------------------------------------------------
+
+#: Llama-3-8B's head: vocabulary 128,256 × hidden 4,096, bf16; one sequence of each length.
+LOSS_VOCAB, LOSS_HIDDEN, LOSS_TOKENS = 128256, 4096, (2048, 4096)
+LOSSES = ("transformers", "chunked")
+
+
+def transformers_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a transformers causal LM does with its final hidden states: the head's logits in the weight's dtype
+    (``lm_head``), then ``ForCausalLMLoss`` (fp32 logits, labels shifted by one)."""
+    return ForCausalLMLoss(nn.functional.linear(hidden, weight), labels, weight.shape[0])
+
+
+@dataclass
+class LossComparison:
+    """The two losses on one frozen head and one sequence: values, agreement, time and memory."""
+
+    vocab: int
+    hidden: int
+    tokens: int
+    dtype: torch.dtype
+    chunk_rows: int  # tokens per chunk by qmiss.loss's automatic rule on this device, just before the runs
+    losses: dict[str, float]  # name -> loss value
+    grad_rel_diff: float  # ‖dh_chunked − dh_transformers‖ / ‖dh_transformers‖, in fp32
+    times: dict[str, list[float]]  # name -> seconds of each timed forward + backward
+    peaks: dict[str, int]  # name -> bytes the forward + backward held above what existed before it
+
+    @property
+    def loss_rel_diff(self) -> float:
+        return abs(self.losses["chunked"] - self.losses["transformers"]) / abs(self.losses["transformers"])
+
+    def tokens_per_s(self, name: str) -> float:
+        return self.tokens / statistics.median(self.times[name])
+
+
+def compare_losses(device: torch.device | str, vocab: int, hidden: int, tokens: int,
+                   dtype: torch.dtype = torch.bfloat16, rounds: int = 3, seed: int = 0) -> LossComparison:
+    """Forward + backward of ``transformers_loss`` and ``qmiss.loss.chunked_cross_entropy`` on a frozen (V, H)
+    head and a (1, tokens, H) hidden state that wants its gradient, as in adapter training.
+
+    One warm-up call of each, then ``rounds`` rounds of one call each, interleaved with the first rotating;
+    then one more call of each for its memory peak (:func:`peak_bytes_on`).
+
+    Args:
+        device: where to run; CUDA or the CPU.
+        vocab, hidden, tokens: the head's (V, H) and the sequence's length.
+        dtype: of the head and the hidden states (the matmuls run in it; both losses' softmax in fp32).
+        rounds: timed calls of each loss.
+        seed: of the weights (N(0, 0.02²)), hidden states (N(0, 1)) and labels.
+
+    Returns:
+        A :class:`LossComparison`.
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=generator, device=device, dtype=dtype).mul_(0.02)  # (V, H)
+    states = torch.randn(1, tokens, hidden, generator=generator, device=device, dtype=dtype)  # (1, T, H)
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator, device=device)  # (1, T)
+    fns = {"transformers": lambda h: transformers_loss(h, weight, labels),
+           "chunked": lambda h: chunked_cross_entropy(h, weight, labels)}
+    results: dict[str, tuple[float, torch.Tensor]] = {}
+
+    def call(name: str) -> None:
+        h = states.detach().requires_grad_(True)
+        loss = fns[name](h)
+        loss.backward()
+        results[name] = (loss.detach(), h.grad)
+
+    rows = loss_chunk_tokens(vocab, hidden, weight.element_size(), False, None, free_memory(device))
+    times: dict[str, list[float]] = {name: [] for name in LOSSES}
+    for name in LOSSES:  # warm-up: kernels load, the allocator grows
+        call(name)
+    for i in range(rounds):
+        for name in LOSSES[i % 2:] + LOSSES[:i % 2]:
+            times[name].append(timed_on(device, lambda: call(name)))
+    peaks = {}
+    for name in LOSSES:
+        results.pop(name)  # the last call's gradient is not counted in the next one's peak
+        peaks[name] = peak_bytes_on(device, lambda: call(name))
+    ref, got = results["transformers"][1].float(), results["chunked"][1].float()
+    return LossComparison(vocab, hidden, tokens, dtype, rows,
+                          {name: float(results[name][0]) for name in LOSSES},
+                          float((got - ref).norm() / ref.norm()), times, peaks)
+
+
+def loss_table(comparisons: list[LossComparison], rounds: int) -> str:
+    first = comparisons[0]
+    lines = [f"**The chunked loss against transformers'**: head {first.vocab:,d} × {first.hidden:,d} "
+             f"{str(first.dtype).removeprefix('torch.')}, frozen; forward + backward to the hidden states; "
+             f"median of {rounds} interleaved rounds; peak above the inputs", "",
+             "| tokens | chunk rows | loss rel. diff | d hidden rel. diff | tokens/s, transformers | chunked | × | "
+             "peak MiB, transformers | chunked | × |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in comparisons:
+        speed = {name: c.tokens_per_s(name) for name in LOSSES}
+        lines.append(f"| 1×{c.tokens:,d} | {c.chunk_rows:,d} | {c.loss_rel_diff:.1e} | {c.grad_rel_diff:.1e} | "
+                     f"{speed['transformers']:,.0f} | {speed['chunked']:,.0f} | "
+                     f"{speed['chunked'] / speed['transformers']:.2f} | {c.peaks['transformers'] / MB:,.0f} | "
+                     f"{c.peaks['chunked'] / MB:,.0f} | {c.peaks['chunked'] / c.peaks['transformers']:.2f} |")
+    return "\n".join(lines)
+
+
+# --- FSDP2 in one process ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FsdpRun:
+    """Steps of a model sharded by FSDP2 over a group of one process."""
+
+    losses: list[float]  # the warm-up step's first, then each timed step's
+    times: list[float]  # seconds of each timed step
+    step_peak: int  # bytes one step held above what was allocated before it (after the timed steps)
+
+
+def fsdp2_steps(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str, backend: str,
+                rounds: int = 3, lr: float = LR) -> FsdpRun:
+    """Shard a prepared qmiss model as accelerate's FSDP2 plugin does (``fully_shard`` on each decoder layer, then
+    on the model) in a process group of one, and train it: one warm-up step, ``rounds`` timed steps, one step
+    measured for memory (:func:`peak_bytes_on`). The group lives in memory (a ``HashStore``: no port, no
+    launcher) and is destroyed on return. The optimizer is torch's AdamW: FSDP2's parameters are DTensors.
+
+    Args:
+        model: a prepared qmiss model on ``device`` (``model.model.layers``), in training mode.
+        batch: keyword arguments of a training forward (``input_ids``, ``labels``).
+        device: where the model is; backend: ``"nccl"`` on CUDA, ``"gloo"`` on the CPU.
+
+    Returns:
+        An :class:`FsdpRun`.
+
+    Raises:
+        RuntimeError: a process group already exists in this process.
+    """
+    device = torch.device(device)
+    if dist.is_initialized():
+        raise RuntimeError("fsdp2_steps: a process group already exists in this process; it makes its own group "
+                           "of one and destroys it on return")
+    if device.type == "cuda" and device.index is None:  # init_process_group's device_id needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        for layer in model.model.layers:  # each decoder layer a unit; 4-bit weights sharded as uint8
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses: list[float] = []
+
+        def step() -> None:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+
+        step()  # warm-up: the optimizer creates its state
+        times = [timed_on(device, step) for _ in range(rounds)]
+        return FsdpRun(losses, times, peak_bytes_on(device, step))
+    finally:
+        dist.destroy_process_group()
+
+
 # --- the report -------------------------------------------------------------------------------------------------
 
 
@@ -298,7 +514,24 @@ def memory_table(runs: list[Run], ref: Run, plans: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-NOTES = """Notes on the memory columns (all five variants are resident at once; each figure is one variant's own):
+def fsdp_table(fsdp: FsdpRun, first_loss: float, step_s: float, step_peak: int) -> str:
+    """FSDP2's steps beside qmiss default's unsharded ones (same weights, same batch)."""
+    fsdp_s = statistics.median(fsdp.times)
+    return "\n".join([
+        f"**FSDP2 in one process** (`fully_shard` on each decoder layer, then the model, as accelerate's FSDP2 "
+        f"plugin wraps; NCCL group of one): qmiss default, torch AdamW (FSDP2's parameters are DTensors), median "
+        f"of {len(fsdp.times)} steps after one warm-up; beside it qmiss default unsharded with PagedAdamW8bit, "
+        "from the tables above", "",
+        "| | first loss | step s | tokens/s | step peak GiB |", "|---|---:|---:|---:|---:|",
+        f"| FSDP2, qmiss default | {fsdp.losses[0]:.4f} | {fsdp_s:.3f} | {BATCH * SEQ / fsdp_s:,.0f} | "
+        f"{fsdp.step_peak / GiB:.2f} |",
+        f"| qmiss default | {first_loss:.4f} | {step_s:.3f} | {BATCH * SEQ / step_s:,.0f} | {step_peak / GiB:.2f} |",
+        f"| FSDP2 ÷ unsharded | | {fsdp_s / step_s:.2f} | | {fsdp.step_peak / step_peak:.2f} |",
+        "", f"FSDP2 losses, warm-up first: {', '.join(f'{loss:.4f}' for loss in fsdp.losses)}. The first losses "
+        "come before any update, from the same weights and batch: they should agree to bf16 rounding."])
+
+
+NOTES = """Notes on the memory columns (all seven variants are resident at once; each figure is one variant's own):
 
 - **resident**: `torch.cuda.memory_allocated()` growth while the variant's model was built and adapted (packed
   4-bit weights and quantization state, bf16 embeddings/norms/head, adapters; qmiss's as `prepare_qmiss` leaves
@@ -321,10 +554,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B shape (Llama-2-7B has 32)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up step per variant")
+    parser.add_argument("--loss-rounds", type=int, default=5, help="timed rounds of each loss, after one warm-up")
+    parser.add_argument("--fsdp-rounds", type=int, default=3, help="timed FSDP2 steps, after one warm-up step")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_gpu.md"))
     args = parser.parse_args()
-    if args.layers < 1 or args.rounds < 1:
-        parser.error("--layers and --rounds must be at least 1")
+    if min(args.layers, args.rounds, args.loss_rounds, args.fsdp_rounds) < 1:
+        parser.error("--layers and every --*rounds must be at least 1")
     if not torch.cuda.is_available():
         print(f"bench_gpu: no CUDA GPU visible to torch {torch.__version__}; nothing was measured")
         return 0
@@ -343,7 +578,7 @@ def main() -> int:
     batch = {"input_ids": batch_ids.to(device), "labels": batch_ids.to(device)}
 
     for run in runs:  # warm-up: kernels load, the optimizers create their state
-        run.step(batch)
+        run.first_loss = run.step(batch).item()
     for i in range(args.rounds):
         first = i % len(runs)
         for run in runs[first:] + runs[:first]:
@@ -352,10 +587,11 @@ def main() -> int:
     if bad:
         raise RuntimeError(f"non-finite loss in {', '.join(bad)}: {[(r.name, r.losses) for r in runs]}")
 
-    plans = {name: qmiss.plan_memory(llama2_7b_config(num_hidden_layers=args.layers), bits=4, r=R, mode=mode,
-                                     batch_size=BATCH, seq_len=SEQ, gradient_checkpointing=True,
-                                     optimizer="paged_adamw_8bit", compute_dtype=torch.bfloat16)
-             for name, mode in (("qmiss default", "default"), ("qmiss bat", "bat"))}
+    plans = {f"qmiss {mode}": qmiss.plan_memory(llama2_7b_config(num_hidden_layers=args.layers), bits=4, r=R,
+                                                mode=mode, mini_r=MINI_R if mode == "mini" else None,
+                                                batch_size=BATCH, seq_len=SEQ, gradient_checkpointing=True,
+                                                optimizer="paged_adamw_8bit", compute_dtype=torch.bfloat16)
+             for mode in ("default", "mini", "bat")}
     ref = next(run for run in runs if run.name == REFERENCE)
     report = Report(args.out)
     report.add(f"# bench_gpu: `python {' '.join(sys.argv)}`\n")
@@ -369,8 +605,24 @@ def main() -> int:
     report.add(time_table(runs, ref, args.rounds) + "\n")
     report.add(memory_table(runs, ref, plans) + "\n")
     report.add(NOTES)
-    report.add(f"Process-wide at the end: {torch.cuda.memory_allocated() / GiB:.2f} GiB allocated, "
+    report.add(f"Process-wide after the variants: {torch.cuda.memory_allocated() / GiB:.2f} GiB allocated, "
                f"{torch.cuda.max_memory_reserved() / GiB:.2f} GiB reserved at most by the caching allocator.\n")
+    default = next(run for run in runs if run.name == "qmiss default")
+    default_figures = (default.first_loss, default.median_s, max(default.step_peaks))
+    del runs, ref, default, run  # the next sections start from an empty GPU (`run`: the loops' last)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    comparisons = []
+    for tokens in LOSS_TOKENS:
+        print(f"bench_gpu: losses at {LOSS_VOCAB:,d} × {LOSS_HIDDEN:,d}, 1×{tokens:,d} tokens", flush=True)
+        comparisons.append(compare_losses(device, LOSS_VOCAB, LOSS_HIDDEN, tokens, rounds=args.loss_rounds))
+    report.add(loss_table(comparisons, args.loss_rounds) + "\n")
+
+    print(f"bench_gpu: FSDP2 in one process, qmiss default ({args.layers} layers)", flush=True)
+    model = _qmiss("default")(build_quantized_model(config, device)).train()
+    fsdp = fsdp2_steps(model, batch, device, "nccl", rounds=args.fsdp_rounds)
+    report.add(fsdp_table(fsdp, *default_figures) + "\n")
     return 0
 
 

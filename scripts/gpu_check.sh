@@ -9,9 +9,10 @@
 #    that this Python lacks, with pip --no-index --no-deps into $QMISS_GPU_SITE (default /tmp/qmiss-gpu-site, put
 #    on PYTHONPATH), and exits 1 naming whatever qmiss still misses.
 # 4. `pytest -m gpu -q PYTEST_ARGS`; failing tests fail the script before any benchmark runs.
-# 5. benchmarks/bench_gpu.py --layers N (default 8: a Llama-2-7B-shaped slice whose five variants fit a 24 GB
-#    card), which writes benchmarks/results/bench_gpu.md.
-# With $OUT set, the test log and bench_gpu.md are copied there too.
+# 5. benchmarks/bench_gpu.py --layers N (default 8: a Llama-2-7B-shaped slice whose seven adapter variants fit a
+#    24 GB card; then the chunked loss at a 128k vocabulary and FSDP2 in one process), which writes
+#    benchmarks/results/bench_gpu.md section by section; its exit status is the script's.
+# With $OUT set, the test log and bench_gpu.md (as far as the bench wrote it) are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=8
@@ -64,8 +65,13 @@ start=$SECONDS
 "$PY" -m pytest -m gpu -q "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_check_tests.log"
 echo "gpu_check: GPU tests took $((SECONDS - start)) s"
 start=$SECONDS
-"$PY" benchmarks/bench_gpu.py --layers "$LAYERS"
-echo "gpu_check: bench_gpu.py --layers $LAYERS took $((SECONDS - start)) s"
-if [ -n "${OUT:-}" ]; then
+stamp=$(mktemp)
+status=0
+"$PY" benchmarks/bench_gpu.py --layers "$LAYERS" || status=$?
+echo "gpu_check: bench_gpu.py --layers $LAYERS took $((SECONDS - start)) s, exit status $status"
+# what the bench wrote before a failure is worth having too (it writes each section as it is measured)
+if [ -n "${OUT:-}" ] && [ benchmarks/results/bench_gpu.md -nt "$stamp" ]; then
   cp benchmarks/results/bench_gpu.md "$OUT/"
 fi
+rm -f "$stamp"
+exit $status
