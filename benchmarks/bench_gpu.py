@@ -225,7 +225,10 @@ class Run:
     first_loss: float = math.nan  # the warm-up step's: before any update, equal for equal weights and batch
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        # every variant under the same bf16 autocast: PEFT casts its input to its fp32 adapters' dtype otherwise,
+        # and would run its adapter products in fp32 where qmiss runs them in bf16
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,12 +239,13 @@ class Run:
         allocator = paged = 0
         for state in self.optimizer.state.values():
             for value in state.values():
-                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                    size = value.numel() * value.element_size()
-                    if getattr(value, "is_paged", False):
-                        paged += size
-                    else:
-                        allocator += size
+                if not isinstance(value, torch.Tensor):
+                    continue
+                size = value.numel() * value.element_size()
+                if getattr(value, "is_paged", False):  # bitsandbytes' paged state: a CPU tensor over managed memory
+                    paged += size
+                elif value.device.type == "cuda":
+                    allocator += size
         return allocator, paged
 
     @property

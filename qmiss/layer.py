@@ -133,18 +133,18 @@ class MissAdapter(nn.Module):
         quantization state (which ``nn.Module._apply`` leaves behind for 8-bit weights) and the
         compute dtype, unless the user fixed it."""
         quant.follow_weight_device(self.base_layer)
-        device = self.miss_block.device
+        device = self.base_layer.weight.device  # where the layer computes (an FSDP1 adapter unit may be sharded)
         self._synced_device = device
         self.compute_dtype = self.requested_compute_dtype or default_compute_dtype(device)
         quant.set_compute_dtype(self.base_layer, self.compute_dtype)
 
     def _follow_device_if_moved(self) -> None:
-        """Run :meth:`_follow_device` if the adapter is on another device than when it last ran, or bitsandbytes'
-        state no longer matches the weight (:func:`qmiss.quant.state_left_behind`). FSDP1 and FSDP2 move
+        """Run :meth:`_follow_device` if the base weight is on another device than when it last ran, or
+        bitsandbytes' state no longer matches it (:func:`qmiss.quant.state_left_behind`). FSDP1 and FSDP2 move
         parameters by assigning ``param.data`` (FSDP1's ``_init_utils``, FSDP2's ``_fsdp_init``), which no
         ``_apply`` sees: without this a model prepared on the CPU would keep the CPU's fp32 compute rule on the
         GPU, and an 8-bit layer its int8 matrix and scales on the CPU. Called at the start of every forward."""
-        device = self.miss_block.device
+        device = self.base_layer.weight.device
         if device.type != "meta" and (device != self._synced_device or quant.state_left_behind(self.base_layer)):
             self._follow_device()
 

@@ -113,6 +113,9 @@ class HostPool:
 
     def _release(self) -> None:
         if self._unpin is not None:
+            # the last backward's host-to-device copies (non_blocking) may still be queued on the stream: the pool
+            # is freed only once they ran (torch's own pinned allocator waits on events for the same reason)
+            torch.cuda.current_stream().synchronize()
             self._unpin()
         self._buffer, self._unpin, self.capacity = None, None, 0
 
@@ -125,7 +128,8 @@ def _register(buffer: torch.Tensor) -> None:
     """Page-lock ``buffer`` in place, at its exact size. torch exposes no exact-size pinned allocation (its
     ``pin_memory`` rounds up, see the module doc); ``torch.cuda.cudart()`` is the CUDA runtime torch itself
     pins with (``torch/cuda/_pin_memory_utils.py``). tests/test_offload.py's gpu test fails if it stops working."""
-    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
+    # flag 1, cudaHostRegisterPortable, as torch's helper passes: pinned for every CUDA context, not only the current
+    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 1))
     if code != 0:
         raise RuntimeError(f"offload_activations: cudaHostRegister of the {buffer.numel() / MiB:.0f} MiB host pool "
                            f"failed with CUDA error {code}; raise the locked-memory limit (ulimit -l) or pass "

@@ -311,8 +311,9 @@ def check_fsdp(model_args: ModelArguments, train_args: TrainingArguments) -> Opt
 
     Raises:
         InputError: FSDP on the CPU (accelerate shards only on accelerators: on the CPU its plugin refuses
-            ``sync_module_states``, or the ranks silently run DDP), or 8-bit weights under FSDP1 (it cannot
-            flatten int8 tensors).
+            ``sync_module_states``, or the ranks silently run DDP), or 8-bit weights under FSDP (FSDP1 cannot
+            flatten int8 tensors; FSDP2 hands the layer a plain parameter where bitsandbytes' 8-bit forward reads
+            its ``Int8Params``' ``CB``/``SCB``).
     """
     version = fsdp_version(train_args)
     if version is None:
@@ -321,10 +322,11 @@ def check_fsdp(model_args: ModelArguments, train_args: TrainingArguments) -> Opt
         raise InputError(
             f"FSDP (version {version}) with --use_cpu: accelerate shards only on GPUs; on the CPU drop --use_fsdp / "
             "--fsdp and launch with --multi_gpu (DDP over gloo), or run on GPUs")
-    if version == 1 and BITS[model_args.bits] == 8:
+    if BITS[model_args.bits] == 8:
         raise InputError(
-            "--bits 8 under FSDP1: FSDP1 cannot flatten int8 weights; use --bits 4 (its packed weights are then "
-            "stored in the compute dtype for FSDP1) or FSDP2 (--fsdp_version 2)")
+            f"--bits 8 under FSDP{version}: bitsandbytes' 8-bit layers cannot be sharded (FSDP1 cannot flatten int8 "
+            "weights; FSDP2 replaces their Int8Params, whose row scales the 8-bit forward reads); use --bits 4, or "
+            "DDP (drop --use_fsdp) if the 8-bit model fits each GPU")
     return version
 
 

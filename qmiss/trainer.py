@@ -109,6 +109,12 @@ class QMissTrainer(Trainer):
     the run) before anything poisoned is saved. (Saves hold the adapter, never the
     frozen base, through the model's own ``save_pretrained``: see qmiss/methods.py.)"""
 
+    def train(self, *args, **kwargs):
+        """A fresh non-finite record per run: one caught in an earlier ``train()`` of this trainer (a notebook's
+        retry, a resume, ``auto_find_batch_size``'s re-entry) must not stop the next."""
+        self._nonfinite = NonfiniteLoss()
+        return super().train(*args, **kwargs)
+
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not hasattr(self, "_nonfinite"):

@@ -22,6 +22,7 @@ command that carries it.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -84,9 +85,13 @@ def install(wheels: dict[str, Path], site: Path) -> list[str]:
     """Installs into ``site`` the carried wheels whose distribution is missing; returns their names."""
     shutil.rmtree(site, ignore_errors=True)
     wanted = [wheel for name, wheel in wheels.items() if installed_version(name) is None]
-    if wanted:
+    if wanted and importlib.util.find_spec("pip") is not None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
                         "--no-deps", "--no-compile", "--target", str(site), *map(str, wanted)], check=True)
+    elif wanted:  # a Python without pip (a uv-made venv): a wheel is a zip of its files, laid out for site-packages
+        for wheel in wanted:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
     sys.path.insert(0, str(site))  # what PYTHONPATH gives the check's later processes
     return [parse_wheel_filename(w.name)[0] for w in wanted]
 

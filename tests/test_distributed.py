@@ -298,11 +298,13 @@ def test_fsdp_on_the_cpu_is_refused_before_the_model_loads(monkeypatch, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_8bit_under_fsdp1_is_refused(monkeypatch, tiny_model_dir: str, jsonl: str, tmp_path) -> None:
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_8bit_under_fsdp_is_refused(monkeypatch, tiny_model_dir: str, jsonl: str, tmp_path, version: str) -> None:
     from qmiss import train
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
     model_args, _, train_args = train.parse_args(args(tiny_model_dir, jsonl, tmp_path, "--bits", "8"))
     monkeypatch.setattr(type(train_args), "device", property(lambda self: torch.device("cuda", 0)))  # as on a GPU
-    with pytest.raises(train.InputError, match="--bits 8 under FSDP1: FSDP1 cannot flatten int8"):
+    with pytest.raises(train.InputError, match=rf"--bits 8 under FSDP{version}: bitsandbytes' 8-bit layers cannot"):
         train.check_fsdp(model_args, train_args)

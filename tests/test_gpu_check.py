@@ -162,6 +162,20 @@ def test_gpu_env_installs_only_what_is_missing_and_names_what_still_is(tmp_path)
     assert (tmp_path / "site/qmiss_carried/__init__.py").read_text() == "VERSION = '1.1'\n"
 
 
+def test_gpu_env_installs_with_a_python_that_has_no_pip(tmp_path, monkeypatch) -> None:
+    """An image's Python made by uv has no pip: the carried wheels are unpacked into the folder instead."""
+    spec = importlib.util.spec_from_file_location("gpu_env", ROOT / "scripts/gpu_env.py")
+    gpu_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_env)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gpu_env.importlib.util, "find_spec", lambda name, *a: None if name == "pip" else real(name, *a))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # install() puts the folder first, as PYTHONPATH would
+    make_wheel(tmp_path / "whl", "qmiss_carried", "1.0")
+    assert gpu_env.install(gpu_env.carried(tmp_path / "whl"), tmp_path / "site") == ["qmiss-carried"]
+    assert (tmp_path / "site/qmiss_carried/__init__.py").read_text() == "VERSION = '1.0'\n"
+    assert gpu_env.installed_version("qmiss-carried") == "1.0"
+
+
 def test_gpu_env_refuses_two_versions_of_one_package(tmp_path) -> None:
     make_wheel(tmp_path / "whl", "qmiss_carried", "1.0")
     make_wheel(tmp_path / "whl", "QMiss_Carried", "1.1")  # the same distribution, as PEP 503 compares names

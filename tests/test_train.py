@@ -168,6 +168,10 @@ def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_mod
                                                  r"last micro-batch: model\.layers\.1\.mlp\.up_proj"):
         trainer.train()
     assert not (tmp_path / "adapter_model.safetensors").exists() and not list(tmp_path.glob("checkpoint-*"))
+    with torch.no_grad():  # mended, the same trainer trains again: the caught NaN belonged to the last run
+        model.model.layers[1].mlp.up_proj.miss_block.zero_()
+    trainer.train()
+    assert trainer.state.global_step == 3
 
 
 def test_the_loss_check_syncs_the_host_only_on_steps_that_report(tmp_path, tiny_model_dir: str, monkeypatch) -> None:
