@@ -10,6 +10,10 @@ shards of r features, x = [x_0 | x_1 | …] (zero-padded on the right when in % 
 
 W_ij is the r×r block at output rows i·r… and input columns j·r…; B_i is shared
 by every block of output row-block i.
+
+For a few tokens bat need not build W': y_i = Σ_j x_j W'_ijᵀ = v_i W_iᵀ + (Σ_j x_j) B_iᵀ with
+v_i = [x_j (I + B_i)ᵀ]_j, which is N·out·in flops for the v_i and as many for the products,
+against r·out·in + N·out·in for W' (:func:`bat_linear_few_tokens`).
 """
 
 from __future__ import annotations
@@ -271,6 +275,63 @@ class BatLinear(torch.autograd.Function):
         return grad_x, grad_block, grad_bias, None, None, None
 
 
+def few_tokens_cheaper(n_tokens: int, r: int) -> bool:
+    """Whether :func:`bat_linear_few_tokens` costs fewer flops than building W' for ``n_tokens`` rows of x:
+    2·N·out·in (the v_i, then the products) against r·out·in + N·out·in, i.e. N < r."""
+    return n_tokens < r
+
+
+def bat_linear_few_tokens(
+    x: torch.Tensor,
+    block: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rows: RowDequantizer,
+    out_features: int,
+    chunk: int,
+) -> torch.Tensor:
+    """y = x W'ᵀ + b for bat without building W', and without autograd (generation, evaluation).
+
+    Per output row-block i, y_i = v_i W_iᵀ + (Σ_j x_j) B_iᵀ with v_i = [x_j (I + B_i)ᵀ]_j: every
+    input shard turned by row-block i's (I + B_i), then multiplied by the base rows W_i as they are.
+    The base is dequantized chunk by chunk as in :class:`BatLinear`; a chunk's v is N/r of its size.
+
+    Args:
+        x: (..., in), in % r == 0.
+        block: (out/r, r, r) bat adapter B.
+        bias, rows, out_features, chunk: as :func:`bat_linear`.
+
+    Returns:
+        (..., out), not attached to any autograd graph.
+    """
+    n_in = x.shape[-1]
+    r = block.shape[-1]
+    x2 = x.detach().reshape(-1, n_in)  # (N, in)
+    n = x2.shape[0]
+    out = x.new_empty(*x.shape[:-1], out_features)
+    y = out.view(n, out_features // r, r)  # (N, out/r, r)
+    block = block.detach()
+    eye = torch.eye(r, dtype=block.dtype, device=block.device)
+    shards = x2.reshape(1, n * n_in // r, r)  # (1, N·in/r, r): every input shard x_j of every token
+    shard_total = shard_sum(x2, r)  # (N, r): Σ_j x_j
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        for a in range(0, out_features, chunk):
+            b = min(a + chunk, out_features)
+            blocks = block[a // r : b // r]  # (nb, r, r)
+            nb = blocks.shape[0]
+            v = torch.matmul(shards, (blocks + eye).transpose(1, 2)).view(nb, n, n_in)  # (nb, N, in): v_i
+            w = rows(a, b).view(nb, r, n_in)  # (nb, r, in): W_i
+            y_c = torch.baddbmm(torch.matmul(shard_total, blocks.transpose(1, 2)), v, w.transpose(1, 2))  # (nb, N, r)
+            y[:, a // r : b // r] = y_c.transpose(0, 1)
+            del v, w
+        if bias is not None:
+            out += bias
+    return out
+
+
+def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def bat_linear(
     x: torch.Tensor,
     block: Optional[torch.Tensor],
@@ -280,6 +341,9 @@ def bat_linear(
     chunk: int,
 ) -> torch.Tensor:
     """Functional form of :class:`BatLinear`; all tensors in one dtype (``block=None``: the base alone).
+
+    Where no gradient is recorded and there are few tokens (:func:`few_tokens_cheaper`), bat runs
+    :func:`bat_linear_few_tokens` instead, which never builds W'; training always runs :class:`BatLinear`.
 
     Args:
         x: (..., in).
@@ -292,4 +356,7 @@ def bat_linear(
     Returns:
         (..., out).
     """
+    if (block is not None and not _records_grad(x, block, bias)
+            and few_tokens_cheaper(x.numel() // max(x.shape[-1], 1), block.shape[-1])):
+        return bat_linear_few_tokens(x, block, bias, rows, out_features, chunk)
     return BatLinear.apply(x, block, bias, rows, out_features, chunk)
