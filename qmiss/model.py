@@ -84,6 +84,13 @@ NOT_MATMUL = re.compile(r"(\bA_log|\btime_(mix|decay|first)\w*|position_embeddin
                         r"relative_attention_bias|bias)$")
 
 
+def is_matmul_weight(name: str, param: torch.Tensor) -> bool:
+    """Whether the parameter at ``name`` (its full path) can be a matmul weight: floating point, two dimensions
+    over 1, not a norm's, nothing :data:`NOT_MATMUL` names."""
+    return (param.is_floating_point() and sum(n > 1 for n in param.shape) >= 2
+            and "norm" not in name.rpartition(".")[2] and not NOT_MATMUL.search(name))
+
+
 def unreachable_weights(model: nn.Module) -> dict[str, int]:
     """Matmul weights no qmiss layer holds and no rule leaves alone, by name, with their sizes; ``prepare_qmiss``
     warns about them after wrapping.
@@ -110,8 +117,7 @@ def unreachable_weights(model: nn.Module) -> dict[str, int]:
             continue
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{name}.{param_name}" if name else param_name
-            if (param.is_floating_point() and sum(n > 1 for n in param.shape) >= 2 and "norm" not in param_name
-                    and not NOT_MATMUL.search(full)):
+            if is_matmul_weight(full, param):
                 found[full] = param.numel()
     return found
 

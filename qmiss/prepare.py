@@ -208,10 +208,9 @@ def check_not_offloaded(model: nn.Module, targets: list[str]) -> None:
     Raises:
         InputError: naming the offloaded targets and the fix.
     """
-    modules = dict(model.named_modules())
-    parts = {name: name.split(".") for name in targets}
-    above = {name: [".".join(p[:i]) for i in range(len(p) + 1)] for name, p in parts.items()}  # "" is the model
-    offloaded = [name for name in targets if any(p in modules and _is_offloaded(modules[p]) for p in above[name])]
+    hooked = {name for name, module in model.named_modules() if _is_offloaded(module)}  # "" is the model
+    offloaded = [name for name in targets
+                 if any(".".join(name.split(".")[:i]) in hooked for i in range(name.count(".") + 2))]
     if offloaded:
         raise InputError(
             f"prepare_qmiss: {len(offloaded)} target layer(s) are offloaded to the CPU or disk by the model's "

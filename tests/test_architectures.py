@@ -21,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import qmiss
 from qmiss import quant
 from qmiss.layer import MissAdapter
-from qmiss.model import NOT_MATMUL, is_router, keeps_in_float, output_head, unreachable_weights
+from qmiss.model import is_matmul_weight, is_router, keeps_in_float, output_head, unreachable_weights
 from tests.helpers import randomize_adapters
 
 ARCHITECTURES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -265,8 +265,8 @@ def tiny_model(model_type: str) -> nn.Module:
 
 def left_in_float(model: nn.Module) -> tuple[dict[str, int], int]:
     """The decoder's matmul weights prepare_qmiss left in floating point ({name: size}), and the size of all of
-    them: a quantized or adapted linear counts (in · out); any other float parameter with two dimensions over 1 is
-    a matmul weight, except embeddings, the output head, norms, convolutions and :data:`NOT_MATMUL`."""
+    them: a quantized or adapted linear counts (in · out); any other parameter :func:`qmiss.model.is_matmul_weight`
+    takes is a matmul weight, except in embeddings, the output head, norms and convolutions."""
     head = output_head(model)
     done: list[str] = []
     floating, total = {}, 0
@@ -282,8 +282,7 @@ def left_in_float(model: nn.Module) -> tuple[dict[str, int], int]:
             continue
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{name}.{param_name}" if name else param_name
-            if (param.is_floating_point() and sum(n > 1 for n in param.shape) >= 2 and "norm" not in param_name
-                    and not NOT_MATMUL.search(full)):
+            if is_matmul_weight(full, param):
                 floating[full] = param.numel()
                 total += param.numel()
     return floating, total
