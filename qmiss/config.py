@@ -1,8 +1,9 @@
 """QMissConfig: every setting of a qmiss adapter, validated once, in one place.
 
-The config speaks two dialects: qmiss's own (``mode="default" | "mini" | "bat"``,
+The config speaks two dialects: qmiss's own (``mode="default" | "mini" | "bat" | "bat_row"``,
 ``bits``) and PEFT's MiSS (``init_weights=True | "mini" | "bat"``), so a user
-coming from ``peft.MissConfig`` can keep the spelling they know.
+coming from ``peft.MissConfig`` can keep the spelling they know. ``bat_row`` is qmiss's
+own (PEFT has no such mode); PEFT's spelling of it is ``init_weights="bat_row"``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-Mode = Literal["default", "mini", "bat"]
-MODES: tuple[str, ...] = ("default", "mini", "bat")
+Mode = Literal["default", "mini", "bat", "bat_row"]
+MODES: tuple[str, ...] = ("default", "mini", "bat", "bat_row")
+#: modes whose adapter is r×r blocks (in % r == 0 and out % r == 0), folded into the weight: no dropout, no LoRA form.
+BLOCK_MODES: tuple[str, ...] = ("bat", "bat_row")
+#: ``adapter_config.json``'s peft_type for a bat_row adapter. PEFT has no Bat-Row; a MISS config would make PEFT
+#: build bat's (or default's) adapter and, where in == out, load Bat-Row's blocks as bat's without a word. A
+#: peft_type PEFT does not know makes every PEFT loader stop at its first line (``KeyError`` naming this value).
+BAT_ROW_PEFT_TYPE = "QMISS_BAT_ROW (qmiss's Bat-Row, which PEFT cannot load: use qmiss.from_pretrained)"
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 #: dtypes a quantized base can compute in (bitsandbytes' kernels).
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,7 +41,7 @@ AUTO = "auto"
 MiB = 2**20
 
 # PEFT's init_weights values and the qmiss mode each one means.
-_INIT_WEIGHTS_TO_MODE = {True: "default", "mini": "mini", "bat": "bat"}
+_INIT_WEIGHTS_TO_MODE = {True: "default", "mini": "mini", "bat": "bat", "bat_row": "bat_row"}
 _MODE_TO_INIT_WEIGHTS = {mode: init for init, mode in _INIT_WEIGHTS_TO_MODE.items()}
 
 
@@ -47,11 +54,11 @@ def mode_from_init_weights(init_weights: Union[bool, str]) -> str:
     """
     if isinstance(init_weights, str) and init_weights.lower() in ("true", "default", "balance"):
         init_weights = True
-    if init_weights is True or init_weights in ("mini", "bat"):
+    if init_weights is True or init_weights in ("mini", "bat", "bat_row"):
         return _INIT_WEIGHTS_TO_MODE[init_weights]
     raise InputError(
         f"{spelled('init_weights')}={init_weights!r} is not supported; use True (MiSS balance, mode='default'), "
-        "'mini' or 'bat' — qmiss always starts from zero-initialised adapters so training begins at the base model"
+        "'mini', 'bat' or 'bat_row' — qmiss always starts from zero-initialised adapters so training begins at the base model"
     )
 
 
@@ -195,7 +202,8 @@ class QMissConfig:
     r: int = 64  # shard size along in_features; the adapter rank
     rank_pattern: Optional[dict[str, int]] = None  # per-module r, PEFT's LoraConfig spelling: {regex: r}, the
     #   first key matching the end of a module's path wins; {"experts": 16} covers fused experts; others take r
-    mode: Mode = "default"  # "default" (MiSS balance), "mini" or "bat"; PEFT's init_weights=True/"mini"/"bat"
+    mode: Mode = "default"  # "default" (MiSS balance), "mini", "bat" or "bat_row" (one r×r block per input
+    #   block: bat's form at default's cost); PEFT's init_weights=True/"mini"/"bat"
     mini_r: Optional[int] = None  # mini: width of the tiled adapter along out_features
     bits: Union[int, str, None] = AUTO  # 4 or 8 (bitsandbytes), None/16: unquantized; "auto": as loaded, else 4
     quant_type: str = "nf4"  # 4-bit data type: "nf4" or "fp4"
@@ -206,7 +214,7 @@ class QMissConfig:
     dropout: float = 0.0  # dropout on the adapter's input (default and mini)
     compute_dtype: Optional[torch.dtype] = None  # None: a 16-bit bnb_4bit_compute_dtype the model was loaded
     #   with, else each layer follows its device (default_compute_dtype), also after a move; else fixed
-    bat_chunk_bytes: int = 64 * MiB  # bat: byte budget of one dequantized chunk of weight rows
+    bat_chunk_bytes: int = 64 * MiB  # bat (and experts): byte budget of one dequantized chunk of weight rows
     base_model_name_or_path: Optional[str] = None  # recorded in the PEFT adapter config
 
     # --- how the model is set up for training (prepare_qmiss; not saved) -------------------------------------------
@@ -245,10 +253,10 @@ class QMissConfig:
         dropout = spelled("dropout")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"{dropout}={self.dropout!r} must be in [0, 1)")
-        if self.mode == "bat" and self.dropout > 0:
+        if self.mode in BLOCK_MODES and self.dropout > 0:
             raise InputError(
-                f"{dropout}={self.dropout} with {mode}='bat': bat folds the adapter into the weight, so there is no "
-                f"separate adapter input to drop; use {dropout}=0.0, or {mode}='default'"
+                f"{dropout}={self.dropout} with {mode}={self.mode!r}: {self.mode} folds the adapter into the weight, "
+                f"so there is no separate adapter input to drop; use {dropout}=0.0, or {mode}='default'"
             )
         check_compute_dtype(self.compute_dtype, self.bits)
         for name in ("bat_chunk_bytes", "loss_chunk_bytes"):
@@ -301,7 +309,7 @@ class QMissConfig:
             target_modules: the module names to record (PEFT matches them exactly or by suffix).
         """
         return {
-            "peft_type": "MISS",
+            "peft_type": BAT_ROW_PEFT_TYPE if self.mode == "bat_row" else "MISS",
             "task_type": "CAUSAL_LM",
             "r": self.r,
             "mini_r": self.mini_r if self.mini_r is not None else 1,
@@ -337,7 +345,8 @@ class QMissConfig:
     @classmethod
     def from_peft_dict(cls, payload: dict, source: str = "adapter_config.json", qmiss_section: object = None,
                        qmiss_source: Optional[str] = None) -> "QMissConfig":
-        """Read PEFT's MiSS (``"peft_type": "MISS"``) or Bone (``"BONE"``) config, and qmiss's settings if present.
+        """Read PEFT's MiSS (``"peft_type": "MISS"``) or Bone (``"BONE"``) config, or qmiss's Bat-Row
+        (:data:`BAT_ROW_PEFT_TYPE`), and qmiss's settings if present.
 
         Args:
             payload: the ``adapter_config.json`` object.
@@ -354,8 +363,9 @@ class QMissConfig:
         if not isinstance(payload, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(payload).__name__}")
         peft_type = payload.get("peft_type")
-        if peft_type not in ("MISS", "BONE"):
-            raise ValueError(f"{source}: peft_type={peft_type!r} is not a MiSS adapter; expected 'MISS' or 'BONE'")
+        if peft_type not in ("MISS", "BONE", BAT_ROW_PEFT_TYPE):
+            raise ValueError(f"{source}: peft_type={peft_type!r} is not a MiSS adapter; expected 'MISS', 'BONE' or "
+                             f"qmiss's {BAT_ROW_PEFT_TYPE!r}")
         r = payload.get("r")
         if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 2**16:
             raise ValueError(f"{source}: r={r!r} must be an int in 1..65536")
@@ -370,8 +380,12 @@ class QMissConfig:
                 raise ValueError(f"{qmiss_source}: expected a JSON object, got {type(extra).__name__}")
         init_weights = payload.get("init_weights", True)
         if not isinstance(init_weights, (bool, str)):
-            raise ValueError(f"{source}: init_weights={init_weights!r} must be true, 'mini' or 'bat'")
+            raise ValueError(f"{source}: init_weights={init_weights!r} must be true, 'mini', 'bat' or 'bat_row'")
         mode = mode_from_init_weights(init_weights)
+        if (peft_type == BAT_ROW_PEFT_TYPE) != (mode == "bat_row"):
+            raise ValueError(f"{source}: peft_type={peft_type!r} with init_weights={init_weights!r}: a Bat-Row adapter "
+                             f"is peft_type {BAT_ROW_PEFT_TYPE!r} with init_weights 'bat_row', and only it — save the "
+                             "adapter again with qmiss.save_adapter")
         _check_qmiss_section(extra, where, mode, f"{source}'s init_weights={init_weights!r}",
                              required=qmiss_source is not None)
         mini_r = payload.get("mini_r")
@@ -381,7 +395,7 @@ class QMissConfig:
         dropout = payload.get("miss_dropout", payload.get("bone_dropout", 0.0))
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"{source}: miss_dropout={dropout!r} must be a number in [0, 1)")
-        dropout = dropout if mode != "bat" else 0.0
+        dropout = dropout if mode not in BLOCK_MODES else 0.0
         targets = payload.get("target_modules") or "all-linear"
         if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise ValueError(f"{source}: target_modules={targets!r} must be a string or a list of strings")

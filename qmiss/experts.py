@@ -141,7 +141,8 @@ def saved_bytes(module: nn.Module, tokens: int, top_k: int, dtype: torch.dtype, 
     output included), the down projection's input and its output (kept by the routing-weight product), the
     routing weight, three int64 index vectors (the sort, the gather, the inverse). Per token: the router's fp32
     probabilities over the experts and its top-k. Per adapted projection (``ranks``: parameter -> r): each
-    expert's shard sums (default, mini) and each expert's adapter in ``dtype`` (a copy unless that is fp32 and the
+    expert's shard sums (default, mini; bat_row's turns keep the inputs counted above, bat keeps them too) and
+    each expert's adapter in ``dtype`` (a copy unless that is fp32 and the
     adapter is used as it is).
     """
     e = torch.finfo(dtype).bits // 8
@@ -151,11 +152,11 @@ def saved_bytes(module: nn.Module, tokens: int, top_k: int, dtype: torch.dtype, 
     saved = rows * (e * (2 * hidden + inter) + gate_bytes_per_row(module, dtype) + e + 3 * 8)
     saved += tokens * (4 * n_experts + 16 * top_k)
     for param, r in ranks.items():
-        n_out = experts_shape(module, param)[2]
-        if mode != "bat":
+        _, n_in, n_out = experts_shape(module, param)
+        if mode in ("default", "mini"):  # bat_row's turns keep the expert inputs, already counted
             saved += rows * r * e
-        if e < 4 or mode == "mini":  # (r, out) per expert, mini's tiled; bat's (out/r, r, r) is as many values
-            saved += n_experts * r * n_out * e
+        if e < 4 or mode == "mini":  # (r, out) per expert, mini's tiled; bat's (out/r, r, r) is as many values,
+            saved += n_experts * r * (n_in if mode == "bat_row" else n_out) * e  # bat_row's (in/r, r, r) r·in
     return saved
 
 

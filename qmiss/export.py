@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qmiss import ops, quant
+from qmiss.config import BLOCK_MODES
 from qmiss.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, atomic_write_json, read_adapter, require_qmiss
 from qmiss.layer import MissExperts, MissLinear
 from qmiss.model import from_conv1d, miss_layers
@@ -130,17 +131,17 @@ def export_merged(
         tokenizer: saved alongside when given.
         original_checkpoint: default/mini only — a folder with the original 16-bit safetensors;
             the adapter's ΔW is added to those weights instead of the dequantized ones, which is
-            what users of a 16-bit base want (ΔW of default/mini does not depend on W). bat is
-            refused: its update W(I + B) + B multiplies W, and B was trained against the
-            dequantized weights, so only they reproduce the trained model.
+            what users of a 16-bit base want (ΔW of default/mini does not depend on W). bat and
+            bat_row are refused: their update multiplies W (W(I + B) + B), and B was trained against
+            the dequantized weights, so only they reproduce the trained model.
 
     Returns:
         The folder.
     """
     config = require_qmiss(model)
-    if original_checkpoint is not None and config.mode == "bat":
-        raise ValueError("original_checkpoint with mode='bat': bat's update multiplies W and was trained against the "
-                         "dequantized weights; export bat without original_checkpoint")
+    if original_checkpoint is not None and config.mode in BLOCK_MODES:
+        raise ValueError(f"original_checkpoint with mode={config.mode!r}: {config.mode}'s update multiplies W and was "
+                         f"trained against the dequantized weights; export {config.mode} without original_checkpoint")
     original = _OriginalWeights(original_checkpoint) if original_checkpoint is not None else None
     limit = _parse_size(max_shard_size)
     out_dir = Path(out_dir)
@@ -258,8 +259,8 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
             raise ValueError(f"{source}: the recorded module shapes give no (in, out) for {unrecorded} (they come "
                              "from another save than the adapter); pass the prepared model instead")
         shapes = {n: tuple(recorded[n]) for n in blocks}
-    if config.mode == "bat":
-        raise ValueError("mode='bat' is not a low-rank update and has no exact LoRA form; "
+    if config.mode in BLOCK_MODES:
+        raise ValueError(f"mode={config.mode!r} is not a low-rank update and has no exact LoRA form; "
                          "use qmiss.export_merged(model, dir) for a merged checkpoint instead")
     expert_blocks = {n: b for n, b in blocks.items() if b.dim() == 3}  # (E, r, out | mini_r)
     tensors, ranks = {}, {}

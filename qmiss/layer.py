@@ -4,9 +4,15 @@
     x ──► base (4/8-bit kernel) ──► + ──► y    x ──► [rows of W, dequantized chunk
     └──► Σ_j x_j ──► @ D ─────────┘              by chunk, W(I+B)+B] ──► y
 
+    bat_row
+    x ──► + ──► base (4/8-bit kernel) ──► + ──► y
+    └──► z = [x_j B_jᵀ]_j ──┘── Σ_j z_j, tiled ─┘
+
 default and mini leave the quantized base untouched and add a cheap term;
 bat folds B into dequantized weight blocks inside :class:`qmiss.ops.BatLinear`,
-which keeps no dequantized weight alive between forward and backward.
+which keeps no dequantized weight alive between forward and backward; bat_row
+(one block per input block) is the same kind of update computed by the untouched
+base on a turned input, so it costs what default costs.
 """
 
 from __future__ import annotations
@@ -17,21 +23,22 @@ import torch
 from torch import nn
 
 from qmiss import ops, quant
-from qmiss.config import MODES, check_compute_dtype, default_compute_dtype
+from qmiss.config import BLOCK_MODES, MODES, check_compute_dtype, default_compute_dtype
 
 
-def adapter_shape(n_out: int, r: int, mode: str, mini_r: int | None = None) -> tuple[int, ...]:
-    """The adapter tensor's shape: (r, out) default, (r, mini_r) mini, (out/r, r, r) bat."""
-    return {"default": (r, n_out), "mini": (r, mini_r or 0), "bat": (n_out // r, r, r)}[mode]
+def adapter_shape(n_in: int, n_out: int, r: int, mode: str, mini_r: int | None = None) -> tuple[int, ...]:
+    """The adapter tensor's shape: (r, out) default, (r, mini_r) mini, (out/r, r, r) bat, (in/r, r, r) bat_row."""
+    return {"default": (r, n_out), "mini": (r, mini_r or 0), "bat": (n_out // r, r, r),
+            "bat_row": (n_in // r, r, r)}[mode]
 
 
 def shape_problem(n_in: int, n_out: int, r: int, mode: str, mini_r: int | None = None) -> str | None:
     """Which rule r / mini_r break for a linear of this shape (the rules, stated once; callers word the
-    error in their own spelling): "r" (r outside 1..in_features), "bat" (r does not divide both
-    in_features and out_features), "mini" (mini_r does not divide out_features); None if they fit."""
+    error in their own spelling): "r" (r outside 1..in_features), "bat" (bat or bat_row, and r does not
+    divide both in_features and out_features), "mini" (mini_r does not divide out_features); None if they fit."""
     if not 0 < r <= n_in:
         return "r"
-    if mode == "bat" and (n_in % r or n_out % r):
+    if mode in BLOCK_MODES and (n_in % r or n_out % r):
         return "bat"
     if mode == "mini" and (not mini_r or n_out % mini_r):
         return "mini"
@@ -108,7 +115,7 @@ class MissAdapter(nn.Module):
         if problem == "bat":
             raise ValueError(
                 f"{where}: in_features={n_in}, out_features={n_out} are not both divisible by r={r}; "
-                "bat needs r×r blocks — use mode='default' or an r dividing both"
+                f"{mode} needs r×r blocks — use mode='default' or an r dividing both"
             )
         if problem == "mini":
             raise ValueError(f"{where}: out_features={n_out} is not divisible by mini_r={mini_r}; pick a mini_r dividing it")
@@ -122,7 +129,7 @@ class MissAdapter(nn.Module):
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = next(base_layer.parameters()).device
-        shape = adapter_shape(n_out, r, mode, mini_r)
+        shape = adapter_shape(n_in, n_out, r, mode, mini_r)
         self.adapter = MissBlock(shape if experts is None else (experts, *shape), device)
         self.disabled = False  # True inside qmiss.disable_adapter: the output is the base layer's
         self.merged = False  # True once the adapter is folded into an unquantized base weight
@@ -167,20 +174,24 @@ class MissAdapter(nn.Module):
 
     def _adapter_weight(self, block: torch.Tensor) -> torch.Tensor:
         """One (linear's or expert's) adapter as the default-mode D (r, out): mini's block tiled along out."""
-        if self.mode == "bat":
-            raise ValueError(f"{self.name}: bat has no additive adapter D; use delta_weight()")
+        if self.mode in BLOCK_MODES:
+            raise ValueError(f"{self.name}: {self.mode} has no additive adapter D; use delta_weight()")
         return ops.tile_mini(block, self.out_features) if self.mode == "mini" else block
 
     def _merged(self, weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """W + ΔW for one fp32 weight W (out, in) and its adapter block, in fp32 (``weight`` is consumed)."""
         if self.mode == "bat":
             return ops.bat_weight(weight, block)
+        if self.mode == "bat_row":
+            return ops.bat_row_weight(weight, block)
         return weight.add_(ops.miss_delta_weight(self._adapter_weight(block), self.in_features))
 
     def _unmerged(self, merged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """W from W + ΔW (bat: W = (W' − B)(I + B)⁻¹, inverse in fp32)."""
+        """W from W + ΔW (bat: W = (W' − B)(I + B)⁻¹ per row-block, bat_row per input block; inverse in fp32)."""
         if self.mode == "bat":
             return ops.bat_unmerge(merged, block)
+        if self.mode == "bat_row":
+            return ops.bat_row_unmerge(merged, block)
         return merged - ops.miss_delta_weight(self._adapter_weight(block), self.in_features)
 
     def extra_repr(self) -> str:
@@ -240,9 +251,10 @@ class MissLinear(MissAdapter):
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW (out, in) that the adapter adds to the (dequantized) base weight, in ``dtype``, detached."""
-        if self.mode == "bat":
+        if self.mode in BLOCK_MODES:
             weight = quant.dequantize(self.base_layer, dtype)
-            return ops.bat_delta_weight(weight, self.miss_block.detach().to(dtype))
+            delta = ops.bat_delta_weight if self.mode == "bat" else ops.bat_row_delta_weight
+            return delta(weight, self.miss_block.detach().to(dtype))
         return ops.miss_delta_weight(self.adapter_weight().detach().to(dtype), self.in_features)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -283,6 +295,8 @@ class MissLinear(MissAdapter):
             return self._base(x)
         if self.mode == "bat":
             return self.adapter(lambda block: self._forward_bat(x, block))
+        if self.mode == "bat_row":
+            return self.adapter(lambda block: self._forward_bat_row(x, block))
         y = self._base(x)
         xs = ops.shard_sum(self.dropout(x.to(self.compute_dtype)), self.r)
         update = self.adapter(lambda block: xs @ self._adapter_weight(block).to(self.compute_dtype))  # (..., r) @ (r, out)
@@ -294,6 +308,13 @@ class MissLinear(MissAdapter):
         if x.dim() > 3 and self.bits == 8:
             return self.base_layer(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         return self.base_layer(x)
+
+    def _forward_bat_row(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """base(x + z) + tile_out(Σ_j z_j), z = [x_j B_jᵀ]_j (:func:`qmiss.ops.bat_row_turn`): the base computes W'
+        without it being built, and its backward gives dz for dB; the turn keeps x (in the compute dtype)."""
+        z = ops.bat_row_turn(x.to(self.compute_dtype), block.to(self.compute_dtype))
+        y = self._base(x + z.to(x.dtype))
+        return y + ops.tile_out(ops.shard_sum(z, self.r), self.out_features).to(y.dtype)
 
     def _forward_bat(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
@@ -318,9 +339,9 @@ class MissExperts(MissAdapter):
     (``gate_up_proj`` / ``up_proj`` and ``down_proj``, (E, out, in), or (E, in, out) where
     ``is_transposed``). A MissExperts takes such a parameter's place under the same name: its base is
     :func:`qmiss.quant.quantize_experts`' stacked layer, its adapter one block per expert, stacked —
-    (E, r, out) default, (E, r, mini_r) mini, (E, out/r, r, r) bat. The experts module's forward is
-    qmiss's experts implementation (:mod:`qmiss.experts`), which sorts the tokens by expert and calls
-    this module once per projection.
+    (E, r, out) default, (E, r, mini_r) mini, (E, out/r, r, r) bat, (E, in/r, r, r) bat_row. The experts module's
+    forward is qmiss's experts implementation (:mod:`qmiss.experts`), which sorts the tokens by expert and
+    calls this module once per projection.
 
     Each expert runs :class:`qmiss.ops.BatLinear` on its own tokens: its weight is dequantized chunk by
     chunk while they are processed, again in backward, and never kept (bat with the expert's B; default
@@ -420,6 +441,11 @@ class MissExperts(MissAdapter):
             rows = self.expert_rows(e, dtype)
             if block is not None and self.mode == "bat":
                 outputs.append(ops.bat_linear(xe, blocks[e], None, rows, self.out_features, chunk))
+                continue
+            if block is not None and self.mode == "bat_row":  # the base on the turned input, + Σ_j z_j tiled
+                z = ops.bat_row_turn(xe, blocks[e])
+                y = ops.bat_linear(xe + z, None, None, rows, self.out_features, chunk)
+                outputs.append(y + ops.tile_out(ops.shard_sum(z, self.r), self.out_features))
                 continue
             y = ops.bat_linear(xe, None, None, rows, self.out_features, chunk)
             if block is not None:

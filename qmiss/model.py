@@ -252,6 +252,8 @@ def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> 
     if problems:
         hint = {
             "bat": f"bat needs r×r blocks: use {mode}='default', an {r} dividing every shape, or exclude these modules",
+            "bat_row": f"bat_row needs r×r blocks: use {mode}='default', an {r} dividing every shape, or exclude "
+                       "these modules",
             "mini": f"pick a {mini_r} dividing every target's out_features, or exclude these modules",
             "default": f"pick a smaller {r} (at most {smallest}), or exclude these modules",
         }[config.mode]

@@ -8,8 +8,15 @@ shards of r features, x = [x_0 | x_1 | …] (zero-padded on the right when in % 
     bat                  W'_ij = W_ij (I + B_i) + B_i          B: (out/r, r, r)
                          y = x W'ᵀ + b
 
-W_ij is the r×r block at output rows i·r… and input columns j·r…; B_i is shared
-by every block of output row-block i.
+    bat_row              W'_ij = W_ij (I + B_j) + B_j          B: (in/r, r, r)
+                         y = base(x + z) + tile_out(Σ_j z_j),  z_j = x_j B_jᵀ
+
+W_ij is the r×r block at output rows i·r… and input columns j·r…; bat's B_i is shared
+by every block of output row-block i, bat_row's B_j by every block of input column-block j.
+
+bat_row needs no dequantized weight: y_i = Σ_j x_j W'_ijᵀ = Σ_j (x_j + z_j) W_ijᵀ + Σ_j z_j, one
+call of the untouched base on a turned input plus an r-wide term repeated along out
+(:func:`bat_row_turn`); the base's own backward gives dz, and dB_j = Σ_tokens dz_jᵀ x_j.
 
 For a few tokens bat need not build W': y_i = Σ_j x_j W'_ijᵀ = v_i W_iᵀ + (Σ_j x_j) B_iᵀ with
 v_i = [x_j (I + B_i)ᵀ]_j, which is N·out·in flops for the v_i and as many for the products,
@@ -133,6 +140,68 @@ def bat_block_grad(weight: torch.Tensor, grad_weight: torch.Tensor, r: int) -> t
     return grad.add_(grad_weight.view(n_blocks, r, n_in // r, r).sum(dim=2))  # + Σ_j G_ij
 
 
+def bat_row_turn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """z = [x_j B_jᵀ]_j for bat_row: each r-wide input shard times its own block, shape of ``x``.
+
+    Args:
+        x: (..., in), in = (in/r)·r.
+        block: (in/r, r, r), the B_j.
+    """
+    n_blocks, r, _ = block.shape
+    lead = x.shape[:-1]
+    shards = x.reshape(-1, n_blocks, r).transpose(0, 1)  # (in/r, N, r)
+    z = torch.bmm(shards, block.transpose(1, 2))  # (in/r, N, r): x_j B_jᵀ for every token
+    return z.transpose(0, 1).reshape(*lead, n_blocks * r)
+
+
+def tile_out(s: torch.Tensor, out_features: int) -> torch.Tensor:
+    """An r-vector per row repeated along out: (..., r) -> (..., out), out % r == 0 (a broadcast view)."""
+    r = s.shape[-1]
+    return s.unsqueeze(-2).expand(*s.shape[:-1], out_features // r, r).reshape(*s.shape[:-1], out_features)
+
+
+def _per_input_block(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """(out, in) -> (in/r, out, r): the r-wide column block j of every row, as bmm's batch j (a strided view)."""
+    n_out, n_in = weight.shape
+    return weight.view(n_out, n_in // r, r).transpose(0, 1)
+
+
+def _from_input_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_per_input_block` for a product: (in/r, out, r) -> (out, in), contiguous."""
+    n_blocks, n_out, r = blocks.shape
+    return blocks.transpose(0, 1).reshape(n_out, n_blocks * r)
+
+
+def _add_column_blocks(weight: torch.Tensor, block: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """weight[i·r + a, j·r + c] += sign · B_j[a, c] for every row-block i, in place; returns ``weight``."""
+    n_blocks, r, _ = block.shape
+    weight.view(weight.shape[0] // r, r, n_blocks, r).add_(block.permute(1, 0, 2).to(weight.dtype), alpha=sign)
+    return weight
+
+
+def bat_row_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """W' for bat_row, blockwise W'_ij = W_ij (I + B_j) + B_j; ``weight`` (out, in), ``block`` (in/r, r, r)."""
+    r = block.shape[-1]
+    eye = torch.eye(r, dtype=block.dtype, device=block.device)
+    merged = _from_input_blocks(torch.bmm(_per_input_block(weight, r), block + eye))
+    return _add_column_blocks(merged, block)
+
+
+def bat_row_delta_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """ΔW = W' − W for bat_row (W_ij B_j + B_j), shape of ``weight``."""
+    r = block.shape[-1]
+    return _add_column_blocks(_from_input_blocks(torch.bmm(_per_input_block(weight, r), block)), block)
+
+
+def bat_row_unmerge(merged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Invert :func:`bat_row_weight`: W = (W' − B_j)(I + B_j)⁻¹ per input column-block, the inverse in fp32."""
+    r = block.shape[-1]
+    eye = torch.eye(r, dtype=torch.float32, device=block.device)
+    inverse = torch.linalg.inv(block.float() + eye).to(merged.dtype)  # (in/r, r, r)
+    shifted = _add_column_blocks(merged.clone(), block, sign=-1.0)
+    return _from_input_blocks(torch.bmm(_per_input_block(shifted, r), inverse))
+
+
 def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budget_bytes: int, itemsize: int) -> int:
     """Rows per bat chunk, so that a chunk's transient tensors fit in ``budget_bytes``.
 
@@ -233,27 +302,30 @@ class BatLinear(torch.autograd.Function):
             del w, buffer
             if bias is not None:
                 y += bias
-        ctx.save_for_backward(x, block)
+        # x only for dB: without a block dx needs the weight alone (bat_row's turned input is saved by nothing)
+        ctx.save_for_backward(x if block is not None else None, block)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.rows, ctx.chunk, ctx.has_bias = rows, chunk, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):
-        x, block = ctx.saved_tensors
-        out_features = grad_out.shape[-1]
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        g2 = grad_out.reshape(-1, out_features).to(x.dtype)  # (N, out)
+        x, block = ctx.saved_tensors  # x is None without a block
+        out_features, dtype = grad_out.shape[-1], ctx.x_dtype
+        n_in = ctx.x_shape[-1]
+        x2 = x.reshape(-1, n_in) if x is not None else None  # (N, in)
+        g2 = grad_out.reshape(-1, out_features).to(dtype)  # (N, out)
         need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # dx is a sum over chunks: summed in 16 bits, each step rounds and the error grows with the
         # chunk count. Over several chunks a 16-bit dx is summed in an fp32 (N, in) accumulator
         # (the size of two 16-bit activations) and rounded once at the end.
-        wide = need_x and x.dtype.itemsize < 4 and ctx.chunk < out_features
-        grad_x = torch.zeros_like(x2, dtype=torch.float32 if wide else x.dtype) if need_x else None
-        scratch = torch.empty_like(x2, dtype=torch.float32) if wide and x.device.type == "cuda" else None
+        wide = need_x and dtype.itemsize < 4 and ctx.chunk < out_features
+        grad_x = g2.new_zeros(g2.shape[0], n_in, dtype=torch.float32 if wide else dtype) if need_x else None
+        scratch = torch.empty_like(grad_x) if wide and g2.device.type == "cuda" else None
         grad_block = torch.empty_like(block) if need_block else None
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(g2.device.type, enabled=False):
             # W'_c, then G_c (neither exists without B)
-            buffer = x2.new_empty(min(ctx.chunk, out_features), x2.shape[1]) if block is not None else None
+            buffer = g2.new_empty(min(ctx.chunk, out_features), n_in) if block is not None else None
             for a in range(0, out_features, ctx.chunk):
                 b = min(a + ctx.chunk, out_features)
                 w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
@@ -271,7 +343,7 @@ class BatLinear(torch.autograd.Function):
                 del w
             del buffer, scratch
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_x = grad_x.to(x.dtype).view_as(x) if need_x else None
+        grad_x = grad_x.to(dtype).view(ctx.x_shape) if need_x else None
         return grad_x, grad_block, grad_bias, None, None, None
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from qmiss import experts, quant
-from qmiss.config import AUTO, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
+from qmiss.config import AUTO, BLOCK_MODES, DEFAULTS, FRONT_END_DEFAULTS, QMissConfig
 from qmiss.experts import expert_params, experts_shape, is_experts_module
 from qmiss.inputs import InputError, few, spelled
 from qmiss.layer import adapter_shape, expert_backward_bytes
@@ -265,8 +265,8 @@ def _adapters(step: _Step) -> tuple[dict[str, int], list[int]]:
     s = step.settings
 
     def size(name: str) -> int:
-        _, n_out, n_experts = step.shapes[name]
-        return (n_experts or 1) * math.prod(adapter_shape(n_out, step.rank(name), s.mode, s.mini_r))
+        n_in, n_out, n_experts = step.shapes[name]
+        return (n_experts or 1) * math.prod(adapter_shape(n_in, n_out, step.rank(name), s.mode, s.mini_r))
 
     linears, experts = [size(n) for n in step.linears], [size(n) for n in step.expert_targets]
     items = {"adapters (fp32)": 4 * sum(linears)}
@@ -310,14 +310,17 @@ def _layer_activations(step: _Step, layer: Optional[str]) -> int:
             attention += step.batch * step.seq * step.seq * e_act + 2 * tokens * e_act * (q_width - kv_width)
     mlp = _mlp_activations(step, layer)
     extra = 0
-    if s.mode == "bat" or step.bits == 8:  # inputs kept: the norms' outputs (shared by their projections), down's input
+    if s.mode in BLOCK_MODES or step.bits == 8:  # inputs kept (bat's, bat_row's turns', 8-bit's): the norms' outputs
+        # (shared by their projections), down's input
         # (the MLP's norm output is no linear's input where experts alone read it: the router keeps nothing of it
         # and the experts keep their own sorted copy)
         norm_outputs = 2 if inter else 1
         extra = tokens * (norm_outputs * hidden * (4 if step.bits == 8 else e_act) + inter * e_act)
-        if s.mode == "bat" and step.bits is not None and e != step.norm_e:  # each projection casts the fp32 norm output
-            extra += tokens * hidden * e * 3
-    if s.mode != "bat":  # the shard sums Σ_j x_j each adapter keeps
+        if s.mode in BLOCK_MODES and step.bits is not None and e != step.norm_e:  # each projection casts the fp32
+            extra += tokens * hidden * e * 3  # norm output
+    if s.mode == "bat_row" and step.bits == 8:  # bitsandbytes' 8-bit matmul keeps its input, here each turned x + z
+        extra += _bnb_8bit_held(step, layer)
+    if s.mode in ("default", "mini"):  # the shard sums Σ_j x_j each adapter keeps
         extra += tokens * e * sum(step.rank(n) for n in step.in_layer(step.linears, layer))
     return norms_saved + attention + mlp + extra
 
@@ -405,8 +408,9 @@ def _activations(step: _Step) -> tuple[dict[str, int], int, int, int]:
             items["activations: checkpointed layer inputs"] = saved
         if step.bits == 8 and s.mode != "bat" and step.linears:
             # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach (and out of the
-            # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive
-            # (experts, which qmiss's own Function computes, keep nothing past checkpointing)
+            # offload hooks'): every layer's norm outputs, attention output and down_proj input stay alive, and
+            # bat_row's turned inputs, one per projection (experts, which qmiss's own Function computes, keep
+            # nothing past checkpointing)
             held = sum(_bnb_8bit_held(step, layer) for layer in step.layers)
             items["8-bit: matmul inputs kept past checkpointing"] = held
             saved += held
@@ -445,9 +449,11 @@ def _offload_pool(step: _Step) -> int:
     return sum(host_bytes(n) for n in tensors)
 
 
-def _bnb_8bit_held(step: _Step, layer: str) -> int:
+def _bnb_8bit_held(step: _Step, layer: Optional[str]) -> int:
     """The inputs one layer's 8-bit linears keep on ctx: the norm outputs that feed linears, the attention output,
-    the dense (or shared experts') down_proj input."""
+    the dense (or shared experts') down_proj input; with bat_row each projection's own turned input."""
+    if step.settings.mode == "bat_row":  # the turned inputs x + z, one per projection, in the stream's dtype
+        return step.tokens * step.e_act * sum(step.shape(n)[0] for n in step.in_layer(step.linears, layer))
     inter = _dense_width(step, layer) if step.blocks.get(layer) else step.inter
     return step.tokens * ((2 if inter else 1) * step.hidden * step.norm_e + (step.q_width + inter) * step.e)
 

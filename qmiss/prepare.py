@@ -252,7 +252,7 @@ def prepare_qmiss(model: nn.Module, config: Optional[QMissConfig] = None, **sett
             ``settings`` given as well replace its fields.
         **settings: any :class:`~qmiss.QMissConfig` field, with the defaults and meanings stated
             there: ``r=64``, ``bits="auto"`` (keep the model's bitsandbytes quantization, else 4),
-            ``mode="default"`` (or PEFT's ``init_weights=True | "mini" | "bat"``), ``mini_r``,
+            ``mode="default"`` (``"mini"``, ``"bat"``, ``"bat_row"``; or PEFT's ``init_weights=True | "mini" | "bat"``), ``mini_r``,
             ``target_modules="all-linear"``, ``exclude_modules``, ``dropout``, ``quant_type``,
             ``double_quant``, ``compute_dtype``, ``bat_chunk_bytes``, and how the model trains:
             ``gradient_checkpointing``, ``quant_storage`` (4-bit weights stored as a float dtype for

@@ -79,8 +79,8 @@ class ModelArguments:
     base_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Model folder or hub id. Default: the built-in SmolLM2-135M-Instruct demo."})
     miss_r: int = field(default=DEFAULTS.r, metadata={"help": "MiSS shard size r (the rank)."})
-    init_weights: str = field(default="True", metadata={"help": "PEFT's MiSS variant: True (balance), bat or mini."})
-    mode: Optional[str] = field(default=None, metadata={"help": "Clearer alias of --init_weights: default, mini, bat."})
+    init_weights: str = field(default="True", metadata={"help": "PEFT's MiSS variant: True (balance), bat or mini (qmiss: bat_row)."})
+    mode: Optional[str] = field(default=None, metadata={"help": "Clearer alias of --init_weights: default, mini, bat, bat_row."})
     mini_r: Optional[int] = field(default=None, metadata={"help": "mini: adapter width along out_features."})
     bits: str = field(default="4", metadata={"help": "Base precision: 4, 8 (bitsandbytes), bf16, fp16 or fp32."})
     quant_type: str = field(default=DEFAULTS.quant_type, metadata={"help": "4-bit data type: nf4 or fp4."})

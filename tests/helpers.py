@@ -16,8 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, L
 import qmiss
 from qmiss import MissLinear, demo, quant
 
-#: the three MiSS modes.
-MODES = ["default", "mini", "bat"]
+#: the MiSS modes: PEFT's three and qmiss's bat_row.
+MODES = ["default", "mini", "bat", "bat_row"]
+#: the modes whose adapter is folded into the weight (r×r blocks): a layer's whole output is the reference's.
+BLOCK_MODES = ("bat", "bat_row")
 
 
 def make_base(bits: int | None, n_in: int, n_out: int, bias: bool = True, quant_type: str = "nf4",
@@ -89,6 +91,22 @@ def ref_bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def ref_bat_row_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """ΔW_ij = W_ij @ B_j + B_j, one r×r block at a time (bat_row: B_j per input column-block j)."""
+    r = block.shape[-1]
+    delta = torch.empty_like(weight)
+    for i in range(weight.shape[0] // r):
+        for j in range(weight.shape[1] // r):
+            w_ij = weight[i * r:(i + 1) * r, j * r:(j + 1) * r]
+            delta[i * r:(i + 1) * r, j * r:(j + 1) * r] = w_ij @ block[j] + block[j]
+    return delta
+
+
+def ref_block_delta(mode: str, weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """bat's or bat_row's ΔW, written out block by block."""
+    return ref_bat_delta(weight, block) if mode == "bat" else ref_bat_row_delta(weight, block)
+
+
 def randomize(layer: MissLinear, scale: float = 0.05) -> torch.Tensor:
     with torch.no_grad():
         layer.miss_block.copy_(torch.randn_like(layer.miss_block) * scale)
@@ -96,12 +114,12 @@ def randomize(layer: MissLinear, scale: float = 0.05) -> torch.Tensor:
 
 
 def reference(layer: MissLinear, x: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 reference: the adapter term (default/mini) or the whole output (bat); autograd-able in ``block``."""
+    """fp32 reference: the adapter term (default/mini) or the whole output (bat, bat_row); autograd-able in ``block``."""
     block = layer.miss_block.detach() if block is None else block
-    if layer.mode == "bat":
+    if layer.mode in BLOCK_MODES:
         weight = quant.dequantize(layer.base_layer)
         bias = layer.bias if layer.bias is not None else 0
-        return x @ (weight + ref_bat_delta(weight, block)).t() + bias
+        return x @ (weight + ref_block_delta(layer.mode, weight, block)).t() + bias
     if layer.mode == "mini":
         block = torch.cat([block] * (layer.out_features // block.shape[1]), dim=1)
     return ref_shard_sum(x, layer.r) @ block

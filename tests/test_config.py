@@ -83,13 +83,14 @@ def test_every_setting_has_a_default_and_an_explanation() -> None:
 @pytest.mark.parametrize("n_in, n_out, r, mode, mini_r, problem", [
     (64, 64, 64, "default", None, None), (32, 64, 64, "default", None, "r"), (64, 64, 0, "default", None, "r"),
     (96, 64, 64, "bat", None, "bat"), (64, 96, 32, "bat", None, None), (64, 100, 16, "mini", 16, "mini"),
-    (64, 96, 16, "mini", 16, None)])
+    (64, 96, 16, "mini", 16, None), (64, 96, 32, "bat_row", None, None), (64, 96, 64, "bat_row", None, "bat"),
+    (96, 64, 32, "bat_row", None, None)])
 def test_the_shape_rule_is_the_layers(n_in, n_out, r, mode, mini_r, problem) -> None:
     assert shape_problem(n_in, n_out, r, mode, mini_r) == problem
     if problem is None:
         base = torch.nn.Linear(n_in, n_out)
         layer = qmiss.MissLinear(base, r=r, mode=mode, mini_r=mini_r)
-        assert tuple(layer.miss_block.shape) == adapter_shape(n_out, r, mode, mini_r)
+        assert tuple(layer.miss_block.shape) == adapter_shape(n_in, n_out, r, mode, mini_r)
 
 
 def test_the_second_argument_is_a_config_and_nothing_else() -> None:

@@ -16,7 +16,7 @@ from tests.helpers import randomize_adapters
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
-MODES = ["default", "bat"]
+MODES = ["default", "bat", "bat_row"]
 CONV1D = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
 

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 
 import qmiss
 from qmiss import adapters, quant
-from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama
+from tests.helpers import BLOCK_MODES, MODES, load, mode_kwargs, randomize_adapters, tiny_llama
 
-MODES = ["default", "mini", "bat"]
+PEFT_MODES = ["default", "mini", "bat"]  # PEFT has no bat_row
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
@@ -114,7 +114,7 @@ def disable_cpu_repack(model) -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PEFT_MODES)
 def test_peft_loads_ours(tmp_path, tiny_dir, mode: str, bits: int) -> None:
     from peft import PeftModel
 
@@ -143,7 +143,7 @@ def train_peft(model, steps: int = 3):
     return model
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PEFT_MODES)
 def test_we_load_peft_trained_adapters(tmp_path, tiny_dir, mode: str) -> None:
     from peft import MissConfig, get_peft_model
 
@@ -199,9 +199,34 @@ def test_lora_export_reproduces_miss_logits(tmp_path, fp32_tiny, mode: str, n_hi
         assert (logits(lora) - expected).abs().max() <= 1e-5
 
 
-def test_lora_export_refuses_bat(tmp_path, fp32_tiny) -> None:
-    with pytest.raises(ValueError, match="bat.*no exact LoRA form.*export_merged"):
-        qmiss.export_lora(prepared(fp32_tiny, 4, "bat"), tmp_path)
+@pytest.mark.parametrize("mode", BLOCK_MODES)
+def test_lora_export_refuses_bat(tmp_path, fp32_tiny, mode: str) -> None:
+    with pytest.raises(ValueError, match=f"mode='{mode}' is not a low-rank update.*no exact LoRA form.*export_merged"):
+        qmiss.export_lora(prepared(fp32_tiny, 4, mode), tmp_path)
+    qmiss.save_adapter(prepared(fp32_tiny, 4, mode), tmp_path / "adapter")
+    with pytest.raises(ValueError, match=f"mode='{mode}' is not a low-rank update"):
+        qmiss.export_lora(tmp_path / "adapter", tmp_path / "lora")
+
+
+def test_peft_refuses_a_bat_row_folder(tmp_path, tiny_dir) -> None:
+    """PEFT has no Bat-Row: its loaders must stop, not build bat's or default's adapter. Targets with in == out
+    (q_proj, o_proj: 64 -> 64) give bat and bat_row adapters of the same shape, where loading as bat would pass."""
+    from peft import PeftConfig, PeftModel
+
+    ours = qmiss.prepare_qmiss(load(tiny_dir, 4), r=16, mode="bat_row", target_modules=["q_proj", "o_proj"])
+    randomize_adapters(ours)
+    qmiss.save_adapter(ours, tmp_path)
+    assert {tuple(layer.miss_block.shape) for _, layer in qmiss.miss_layers(ours)} == {(4, 16, 16)}  # bat's shape too
+    for load_it in (lambda: PeftModel.from_pretrained(load(tiny_dir, 4), tmp_path),
+                    lambda: PeftConfig.from_pretrained(tmp_path),
+                    lambda: load(tiny_dir, 4).load_adapter(str(tmp_path))):
+        with pytest.raises(KeyError, match="QMISS_BAT_ROW.*PEFT cannot load.*qmiss.from_pretrained"):
+            load_it()
+    again = qmiss.from_pretrained(load(tiny_dir, 4), tmp_path)
+    assert again.qmiss_config.mode == "bat_row"
+    assert all(torch.equal(layer.miss_block, dict(qmiss.miss_layers(ours))[name].miss_block)
+               for name, layer in qmiss.miss_layers(again))
+    assert torch.equal(logits(again), logits(ours))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -217,7 +242,7 @@ def test_merge_unmerge_round_trip_unquantized(fp32_tiny, mode: str) -> None:
     qmiss.unmerge(model)
     for name, layer in qmiss.miss_layers(model):
         error = (layer.base_layer.weight - before[name]).abs().max() / before[name].abs().max()
-        assert error <= (1e-4 if mode == "bat" else torch.finfo(torch.float32).eps)  # (W + ΔW) − ΔW: one rounding
+        assert error <= (1e-4 if mode in BLOCK_MODES else torch.finfo(torch.float32).eps)  # (W + ΔW) − ΔW: one rounding
     assert (logits(model) - adapted).abs().max() <= 1e-4
 
 
@@ -407,7 +432,7 @@ def test_old_format_with_an_inline_qmiss_section_still_loads(tmp_path, fp32_tiny
     again = qmiss.from_pretrained(copy.deepcopy(fp32_tiny), tmp_path / "old")
     assert again.qmiss_config.bits == 8 and again.qmiss_config.mode == mode
     assert torch.equal(logits(again), logits(model))
-    if mode != "bat":  # the module shapes are read from the inline section
+    if mode not in BLOCK_MODES:  # the module shapes are read from the inline section
         qmiss.export_lora(tmp_path / "old", tmp_path / "lora-old")
         qmiss.export_lora(tmp_path / "new", tmp_path / "lora-new")
         old_lora, new_lora = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("lora-old", "lora-new"))

@@ -8,7 +8,7 @@ import torch
 import qmiss
 from qmiss import MissLinear, quant
 from tests.helpers import make_base
-from tests.helpers import MODES, randomize, ref_bat_delta, reference
+from tests.helpers import BLOCK_MODES, MODES, randomize, ref_block_delta, reference
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
@@ -27,7 +27,7 @@ def test_output_matches_fp32_reference(mode: str, bits: int | None) -> None:
     with torch.no_grad():
         y = layer(x)
         expected = reference(layer, x)
-        got = y if mode == "bat" else y - layer.base_layer(x)
+        got = y if mode in BLOCK_MODES else y - layer.base_layer(x)
     scale = y.abs().max()
     assert (got - expected).abs().max() <= 1e-4 * scale
 
@@ -48,7 +48,7 @@ def test_zero_adapter_is_the_base_model(mode: str, bits: int | None) -> None:
     x = torch.randn(4, 128)
     with torch.no_grad():
         base, y = layer.base_layer(x), layer(x)
-        if mode == "bat":  # rebuilt from the dequantized weight: equal up to fp32 rounding
+        if mode == "bat":  # rebuilt from the dequantized weight: equal up to fp32 rounding (bat_row: z = 0, exact)
             assert (y - base).abs().max() <= 1e-5 * base.abs().max()
         else:
             assert torch.equal(y, base)
@@ -80,10 +80,10 @@ def test_input_gradient_flows_through_the_layer(mode: str, bits: int) -> None:
     (layer(x) * grad_out).sum().backward()
     weight = quant.dequantize(layer.base_layer)
     block = layer.miss_block.detach()
-    if mode == "bat":
-        weight = weight + ref_bat_delta(weight, block)
+    if mode in BLOCK_MODES:
+        weight = weight + ref_block_delta(mode, weight, block)
     expected = grad_out @ weight
-    if mode != "bat":
+    if mode not in BLOCK_MODES:
         xr = x.detach().clone().requires_grad_()
         (reference(layer, xr) * grad_out).sum().backward()
         expected = expected + xr.grad
@@ -133,9 +133,10 @@ def test_dropout_only_touches_the_adapter_input() -> None:
     (128, 64, 0, "default", {}, "r=0"),
     (32, 64, 64, "default", {}, "r=64 must be in 1..in_features=32"),
     (96, 64, 64, "bat", {}, "not both divisible by r=64"),
+    (128, 96, 64, "bat_row", {}, "not both divisible by r=64; bat_row needs r×r blocks"),
     (64, 100, 16, "mini", {"mini_r": 16}, "out_features=100 is not divisible by mini_r=16"),
     (64, 64, 16, "lora", {}, "mode='lora'"),
-], ids=["r=0", "r>in", "bat-indivisible", "mini-indivisible", "bad-mode"])
+], ids=["r=0", "r>in", "bat-indivisible", "bat_row-out-indivisible", "mini-indivisible", "bad-mode"])
 def test_layer_rejects_bad_shapes(n_in, n_out, r, mode, kw, match) -> None:
     with pytest.raises(ValueError, match=match) as info:
         MissLinear(make_base(None, n_in, n_out), r=r, mode=mode, name="model.layers.3.mlp.down_proj", **kw)
@@ -172,7 +173,7 @@ def test_bat_saves_no_weight_for_backward(bits: int) -> None:
     assert layer.miss_block.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("training", [True, False])
 def test_an_8bit_layer_takes_4d_inputs(mode: str, training: bool) -> None:
     """DeepSeek-V3 feeds kv_b_proj a (batch, 1, seq, rank) input; bitsandbytes' 8-bit matmul flattens 3-D
@@ -187,3 +188,40 @@ def test_an_8bit_layer_takes_4d_inputs(mode: str, training: bool) -> None:
             base = layer(x)
     assert y.shape == (2, 1, 5, 48) and torch.equal(y.reshape(10, 48), flat)
     assert base.shape == (2, 1, 5, 48)
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_bat_row_saves_no_weight_and_no_turned_input(bits: int) -> None:
+    """bat_row keeps x (for dB) and B, as default keeps its shard sums: never a dequantized weight, and not the
+    turned input x + z the base is called on (bitsandbytes keeps no input for a frozen weight)."""
+    layer = MissLinear(make_base(bits, 1024, 2048, bias=False), r=64, mode="bat_row")
+    randomize(layer, 0.01)
+    x = torch.randn(1, 128, 1024, requires_grad=True)
+    saved, y = saved_for_backward(lambda: layer(x))
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    foreign = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+               if t.untyped_storage().data_ptr() not in own}
+    assert x.untyped_storage().data_ptr() in foreign
+    assert sum(foreign.values()) <= x.numel() * x.element_size() + 2 * 2048 * 1024 * (bits / 8) / 2, \
+        [(tuple(t.shape), t.dtype) for t in saved]
+    y.sum().backward()
+    assert layer.miss_block.grad is not None and x.grad is not None
+
+
+def test_bat_row_is_the_fp64_dense_reference() -> None:
+    """Forward, dx and dB of a bat_row layer on an fp64 base equal autograd through W' built block by block."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 64, dtype=torch.float64).requires_grad_(False)
+    layer = MissLinear(base, r=32, mode="bat_row", compute_dtype=torch.float64)
+    with torch.no_grad():
+        layer.miss_block.copy_(torch.randn(3, 32, 32, dtype=torch.float64) * 0.1)
+    block = layer.miss_block.detach().clone().requires_grad_()
+    x = torch.randn(2, 7, 96, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(2, 7, 64, dtype=torch.float64)
+    (layer(x) * grad_out).sum().backward()
+    weight = base.weight + ref_block_delta("bat_row", base.weight, block.double())  # the adapter is kept in fp32
+    (torch.nn.functional.linear(xr, weight, base.bias) * grad_out).sum().backward()
+    for got, want, tol in ((layer(x).detach(), torch.nn.functional.linear(xr, weight, base.bias).detach(), 1e-12),
+                           (x.grad, xr.grad, 1e-12), (layer.miss_block.grad, block.grad, 1e-6)):  # dB: fp32, rounded
+        assert (got - want).abs().max() <= tol * want.abs().max()

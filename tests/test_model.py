@@ -17,12 +17,13 @@ from tests.helpers import load, mode_kwargs, randomize_adapters, tiny_llama, tin
 
 BITS = [4, 8, None]
 BIT_IDS = ["4bit", "8bit", "16bit"]
-MODES = ["default", "mini", "bat"]
+MODES = ["default", "mini", "bat", "bat_row"]
+PEFT_MODES = ["default", "mini", "bat"]  # PEFT has no bat_row
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PEFT_MODES)
 def test_logits_match_peft_miss(tiny_dir: str, mode: str, bits: int | None) -> None:
     from peft import MissConfig, get_peft_model
 
@@ -197,7 +198,7 @@ def adapter_grads(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: layer.miss_block.grad.clone() for n, layer in qmiss.miss_layers(model)}
 
 
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_gradient_checkpointing_gives_the_same_gradients(mode: str, reentrant: bool) -> None:
     model = qmiss.prepare_qmiss(tiny_llama(), r=16, bits=4, mode=mode)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import qmiss
 from qmiss import train
 from qmiss.layer import MissExperts
-from tests.helpers import randomize_adapters, ref_bat_delta, tiny_moe
+from tests.helpers import BLOCK_MODES, randomize_adapters, ref_block_delta, tiny_moe
 from tests.helpers import train_args as args
 
 MOE = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
@@ -32,8 +32,8 @@ def reference_weight(layer: MissExperts, block: torch.Tensor) -> torch.Tensor:
     weights = []
     for e in range(layer.experts):
         w = layer.base_weight(e)  # (out, in) dequantized, fp32
-        if layer.mode == "bat":
-            merged = w + ref_bat_delta(w, block[e])
+        if layer.mode in BLOCK_MODES:
+            merged = w + ref_block_delta(layer.mode, w, block[e])
         else:
             d = block[e].repeat(1, layer.out_features // block.shape[-1]) if layer.mode == "mini" else block[e]
             # ΔW x = (Σ_j x_j) D: ΔW[o, c] = D[c % r, o]
@@ -69,7 +69,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+@pytest.mark.parametrize("mode", ["default", "mini", "bat", "bat_row"])
 @pytest.mark.parametrize("model_type", MOE)
 def test_experts_forward_and_gradients_equal_a_dequantized_reference(model_type: str, mode: str, bits: int) -> None:
     model = tiny_moe(model_type).float()
@@ -93,7 +93,7 @@ def test_experts_forward_and_gradients_equal_a_dequantized_reference(model_type:
         assert relative(grads[name], layer.miss_block.grad) <= 1e-5, name
 
 
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("model_type", MOE)
 def test_zero_adapters_give_the_quantized_base_and_disable_adapter_covers_experts(model_type: str, mode: str) -> None:
     model = tiny_moe(model_type).float().eval()
@@ -134,12 +134,12 @@ def test_experts_are_quantized_one_at_a_time_to_the_bytes_of_the_stacked_matrix(
         assert torch.equal(layer.base_weight(e), quant.dequantize(whole)[rows])
 
 
-@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+@pytest.mark.parametrize("mode", ["default", "mini", "bat", "bat_row"])
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "qwen2_moe"])
 def test_save_reload_bitwise_and_export_merged_loads_in_plain_transformers(tmp_path, model_type: str,
                                                                            mode: str) -> None:
     settings = dict(r=16, bits=4, mode=mode, mini_r=16 if mode == "mini" else None,
-                    rank_pattern=None if mode == "bat" else {r"experts\.down_proj": 8})
+                    rank_pattern=None if mode in BLOCK_MODES else {r"experts\.down_proj": 8})
     model = qmiss.prepare_qmiss(tiny_moe(model_type).float().eval(), **settings)
     randomize_adapters(model)
     ids = torch.randint(0, 128, (2, 10))
@@ -152,7 +152,7 @@ def test_save_reload_bitwise_and_export_merged_loads_in_plain_transformers(tmp_p
     again = qmiss.from_pretrained(tiny_moe(model_type).float().eval(), tmp_path / "adapter")
     for (name, a), (_, b) in zip(qmiss.miss_layers(model), qmiss.miss_layers(again)):
         assert torch.equal(a.miss_block, b.miss_block), name
-    if mode != "bat":
+    if mode not in BLOCK_MODES:
         assert tuple(expert_layers(again)["model.layers.0.mlp.experts.down_proj"].miss_block.shape)[1] == 8
 
     qmiss.export_merged(model, tmp_path / "merged", dtype=torch.float32)
@@ -183,8 +183,9 @@ def test_export_lora_is_peft_target_parameters_lora_exactly(tmp_path, model_type
         assert relative(lora(ids).logits, logits) <= 1e-5
 
 
-def test_export_lora_refuses_bat_experts_naming_export_merged(tmp_path) -> None:
-    model = qmiss.prepare_qmiss(tiny_moe("mixtral").float(), r=16, bits=4, mode="bat")
+@pytest.mark.parametrize("mode", BLOCK_MODES)
+def test_export_lora_refuses_bat_experts_naming_export_merged(tmp_path, mode: str) -> None:
+    model = qmiss.prepare_qmiss(tiny_moe("mixtral").float(), r=16, bits=4, mode=mode)
     with pytest.raises(ValueError, match="export_merged"):
         qmiss.export_lora(model, tmp_path / "lora")
 
@@ -209,7 +210,7 @@ def test_a_step_dequantizes_one_expert_at_a_time(monkeypatch) -> None:
         model.zero_grad(set_to_none=True)  # each step creates its gradients
         return qmiss.measure_peak(lambda: model(input_ids=ids, labels=ids).loss.backward()).peak_bytes
 
-    for mode in ("default", "bat"):
+    for mode in ("default", "bat", "bat_row"):
         model = tiny_moe("qwen3_moe", experts=16, moe_intermediate_size=512, hidden_size=256, head_dim=64).float()
         qmiss.prepare_qmiss(model, r=16, bits=4, mode=mode)
         randomize_adapters(model)

@@ -79,7 +79,7 @@ def _check(config, model, bits: int, mode: str, checkpointing: bool, dtype: torc
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_plan_matches_measurement_on_smollm2(smollm2_dir, bits: int, mode: str, checkpointing: bool) -> None:
     from transformers import AutoModelForCausalLM
@@ -105,7 +105,7 @@ def smollm2_first_layers(smollm2_dir):
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_plan_matches_measurement_in_the_bf16_flow_on_smollm2(smollm2_first_layers, bits: int, mode: str,
                                                                checkpointing: bool) -> None:
@@ -140,7 +140,8 @@ def llama2_7b_two_layers():
     return AutoModelForCausalLM.from_config(_llama2_7b_config(2), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("mode,checkpointing", [("default", True), ("bat", True), ("default", False)])
+@pytest.mark.parametrize("mode,checkpointing", [("default", True), ("bat", True), ("default", False),
+                                                ("bat_row", True), ("bat_row", False)])
 def test_plan_matches_measurement_on_a_two_layer_llama2_7b_shape(llama2_7b_two_layers, mode: str,
                                                                   checkpointing: bool) -> None:
     import copy
@@ -297,7 +298,7 @@ TINY_EXPERTS_RANK = {"experts": 8}
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
-@pytest.mark.parametrize("mode", ["default", "bat"])
+@pytest.mark.parametrize("mode", ["default", "bat", "bat_row"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_plan_matches_measurement_in_the_bf16_flow_on_a_tiny_moe(model_type: str, mode: str,
                                                                   checkpointing: bool) -> None:

@@ -64,8 +64,9 @@ def test_train_writes_a_peft_adapter_and_resumes(tmp_path, tiny_model_dir: str, 
     (["--dataset_split", "train[:abc]"], ValueError, "--dataset_split 'train\\[:abc\\]': Unrecognized instruction"),
     (["--bits", "3"], ValueError, "--bits '3' is not one of"),
     (["--mode", "bat", "--miss_r", "48"], ValueError, "not divisible by --miss_r=48"),
+    (["--mode", "bat_row", "--miss_r", "48"], ValueError, "not divisible by --miss_r=48.*bat_row needs r×r blocks"),
     (["--loss_chunk_mib", "0"], ValueError, "--loss_chunk_mib 0 must be a positive number of MiB"),
-], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes", "bad-loss-chunk"])
+], ids=["missing-fields", "bad-split", "bad-bits", "bat-shapes", "bat_row-shapes", "bad-loss-chunk"])
 def test_clear_errors(tmp_path, tiny_model_dir: str, jsonl: str, extra, error, match) -> None:
     with pytest.raises(error, match=match):
         train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "1", *extra))
@@ -139,14 +140,15 @@ def test_trl_sft_trainer_trains_a_qmiss_model(tmp_path, tiny_model_dir: str, chu
         assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
-def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
+@pytest.mark.parametrize("mode", ["bat", "bat_row"])
+def test_paged_adamw_8bit_and_gradient_checkpointing(tmp_path, tiny_model_dir: str, jsonl: str, mode: str) -> None:
     """The QLoRA recipe's optimizer and checkpointing (bitsandbytes falls back to non-paged on the CPU), with
     transformers' own loss (--chunked_loss false) and the long-context switches (no-ops for a CPU's tensors)."""
     summary = train.run(args(tiny_model_dir, jsonl, tmp_path, "--max_steps", "2", "--optim", "paged_adamw_8bit",
-                             "--gradient_checkpointing", "--mode", "bat", "--chunked_loss", "false",
+                             "--gradient_checkpointing", "--mode", mode, "--chunked_loss", "false",
                              "--offload_activations", "--embeddings_on_host"))
     assert summary["steps"] == 2 and summary["chunked_loss"] is False
-    assert qmiss.read_adapter(tmp_path)[0].mode == "bat"
+    assert qmiss.read_adapter(tmp_path)[0].mode == mode
 
 
 def test_nonfinite_loss_stops_training_naming_step_and_module(tmp_path, tiny_model_dir: str, jsonl: str) -> None:
