@@ -319,16 +319,11 @@ class MissLinear(MissAdapter):
     def _forward_bat(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         rows = quant.row_dequantizer(self.base_layer, dtype)
-        chunk = ops.chunk_rows(
-            self.out_features,
-            self.in_features,
-            self.r,
-            quant.row_alignment(self.base_layer),
-            self.bat_chunk_bytes,
-            torch.finfo(dtype).bits // 8,
-        )
+        shape = (self.out_features, self.in_features, self.r, quant.row_alignment(self.base_layer),
+                 self.bat_chunk_bytes, torch.finfo(dtype).bits // 8)
+        few = ops.chunk_rows(*shape, tokens=x.numel() // self.in_features)  # used if bat_linear takes that path
         bias = self.bias.to(dtype) if self.bias is not None else None
-        y = ops.bat_linear(x.to(dtype), block.to(dtype), bias, rows, self.out_features, chunk)
+        y = ops.bat_linear(x.to(dtype), block.to(dtype), bias, rows, self.out_features, ops.chunk_rows(*shape), few)
         return y.to(x.dtype)
 
 
@@ -369,8 +364,7 @@ class MissExperts(MissAdapter):
 
     def expert_rows(self, expert: int, dtype: torch.dtype) -> ops.RowDequantizer:
         """``rows(a, b)``: rows a..b of one expert's (out, in) base weight, dequantized in ``dtype``."""
-        rows, first = quant.row_dequantizer(self.base_layer, dtype, flat=True), expert * self.out_features
-        return lambda a, b: rows(first + a, first + b)
+        return quant.row_dequantizer(self.base_layer, dtype, flat=True, first=expert * self.out_features)
 
     def base_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One expert's whole (out, in) base weight in ``dtype``."""

@@ -202,7 +202,8 @@ def bat_row_unmerge(merged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return _from_input_blocks(torch.bmm(_per_input_block(shifted, r), inverse))
 
 
-def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budget_bytes: int, itemsize: int) -> int:
+def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budget_bytes: int, itemsize: int,
+               tokens: Optional[int] = None) -> int:
     """Rows per bat chunk, so that a chunk's transient tensors fit in ``budget_bytes``.
 
     At any moment :class:`BatLinear` holds two weight-chunk-sized tensors: the
@@ -210,9 +211,17 @@ def chunk_rows(out_features: int, in_features: int, r: int, alignment: int, budg
     G_c = g_cᵀ x (backward for dB). So a chunk is ``budget / (2 · in · itemsize)``
     rows, rounded down to a multiple of r and of the dequantizer's ``alignment``;
     never less than one such unit, never more than the layer.
+
+    With ``tokens`` (N < r, for :func:`bat_linear_few_tokens`), a chunk holds W_c and the v_i of its
+    row-blocks, N/r of W_c's size, and no W'_c: ``budget · r / ((r + N) · in · itemsize)`` rows, nearly
+    twice as many in the same bytes. Fewer chunks matter there: a decode step's cost on the CPU is
+    largely the per-op waits of its chunks (three multi-threaded ops each).
     """
     unit = r * alignment // _gcd(r, alignment)
-    rows = budget_bytes // (2 * in_features * itemsize) // unit * unit
+    if tokens is None:
+        rows = budget_bytes // (2 * in_features * itemsize) // unit * unit
+    else:
+        rows = budget_bytes * r // ((r + tokens) * in_features * itemsize) // unit * unit
     return min(max(rows, unit), out_features)
 
 
@@ -261,6 +270,14 @@ def _chunk_weight(weight: torch.Tensor, block: Optional[torch.Tensor], a: int, b
     return bat_weight(weight, block[a // r : b // r], out=buffer)
 
 
+def _sweep(rows: RowDequantizer, out_features: int) -> RowDequantizer:
+    """``rows`` for one pass over all ``out_features`` rows, chunk by chunk: ``rows.sweep(0, out_features)`` where
+    the dequantizer has one (4-bit: the absmax undone once for the pass, not once per chunk; see
+    :class:`qmiss.quant.Rows4bit`), else ``rows`` itself. Dropped after the pass, so nothing outlives it."""
+    sweep = getattr(rows, "sweep", None)
+    return sweep(0, out_features) if sweep is not None else rows
+
+
 class BatLinear(torch.autograd.Function):
     """y = x W'ᵀ + b with W' = bat(W, B), keeping no dequantized weight for backward.
 
@@ -295,11 +312,12 @@ class BatLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice
             # one W' buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults (none without B)
             buffer = x2.new_empty(min(chunk, out_features), x2.shape[1]) if block is not None else None
+            dequantize = _sweep(rows, out_features)
             for a in range(0, out_features, chunk):
                 b = min(a + chunk, out_features)
-                w = _chunk_weight(rows(a, b), block, a, b, buffer)  # (b - a, in)
+                w = _chunk_weight(dequantize(a, b), block, a, b, buffer)  # (b - a, in)
                 torch.mm(x2, w.t(), out=y[:, a:b])  # written in place: a strided slice is a valid BLAS output
-            del w, buffer
+            del w, buffer, dequantize
             if bias is not None:
                 y += bias
         # x only for dB: without a block dx needs the weight alone (bat_row's turned input is saved by nothing)
@@ -326,9 +344,10 @@ class BatLinear(torch.autograd.Function):
         with torch.autocast(g2.device.type, enabled=False):
             # W'_c, then G_c (neither exists without B)
             buffer = g2.new_empty(min(ctx.chunk, out_features), n_in) if block is not None else None
+            dequantize = _sweep(ctx.rows, out_features)
             for a in range(0, out_features, ctx.chunk):
                 b = min(a + ctx.chunk, out_features)
-                w = ctx.rows(a, b)  # (b - a, in), dequantized once per chunk
+                w = dequantize(a, b)  # (b - a, in), dequantized once per chunk
                 g = g2[:, a:b]  # (N, b - a)
                 if need_x:
                     w_new = _chunk_weight(w, block, a, b, buffer)  # W'_c
@@ -341,7 +360,7 @@ class BatLinear(torch.autograd.Function):
                     r = block.shape[-1]
                     grad_block[a // r : b // r] = bat_block_grad(w, grad_w, r)
                 del w
-            del buffer, scratch
+            del buffer, scratch, dequantize
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = grad_x.to(dtype).view(ctx.x_shape) if need_x else None
         return grad_x, grad_block, grad_bias, None, None, None
@@ -379,22 +398,28 @@ def bat_linear_few_tokens(
     r = block.shape[-1]
     x2 = x.detach().reshape(-1, n_in)  # (N, in)
     n = x2.shape[0]
-    out = x.new_empty(*x.shape[:-1], out_features)
-    y = out.view(n, out_features // r, r)  # (N, out/r, r)
     block = block.detach()
-    eye = torch.eye(r, dtype=block.dtype, device=block.device)
-    shards = x2.reshape(1, n * n_in // r, r)  # (1, N·in/r, r): every input shard x_j of every token
-    shard_total = shard_sum(x2, r)  # (N, r): Σ_j x_j
+    shards = x2.reshape(n * n_in // r, r)  # (N·in/r, r): every input shard x_j of every token
+    # On the CPU each multi-threaded op waits for all its threads, which costs more than a decode step's
+    # small products when the cores are shared: so what every chunk needs is computed once, here, and a chunk
+    # runs three ops (dequantize, v, its y_i).
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        turned = block.transpose(1, 2) + torch.eye(r, dtype=block.dtype, device=block.device)  # (out/r, r, r): (I + B_i)ᵀ
+        # y_i of every row-block i, contiguous: a product into a strided (N, r) slice of the output would run as
+        # one small product per i. Starts as (Σ_j x_j) B_iᵀ (beta=0: the empty tensor's contents are not read).
+        y = x2.new_empty(out_features // r, n, r).baddbmm_(
+            shard_sum(x2, r).expand(out_features // r, n, r), block.transpose(1, 2), beta=0)  # (out/r, N, r)
+        dequantize = _sweep(rows, out_features)
         for a in range(0, out_features, chunk):
             b = min(a + chunk, out_features)
-            blocks = block[a // r : b // r]  # (nb, r, r)
-            nb = blocks.shape[0]
-            v = torch.matmul(shards, (blocks + eye).transpose(1, 2)).view(nb, n, n_in)  # (nb, N, in): v_i
-            w = rows(a, b).view(nb, r, n_in)  # (nb, r, in): W_i
-            y_c = torch.baddbmm(torch.matmul(shard_total, blocks.transpose(1, 2)), v, w.transpose(1, 2))  # (nb, N, r)
-            y[:, a // r : b // r] = y_c.transpose(0, 1)
+            nb = (b - a) // r
+            # v_i = [x_j (I + B_i)ᵀ]_j: the shards are one matrix for every i (a stride-0 batch, not copied)
+            v = torch.bmm(shards.expand(nb, -1, r), turned[a // r : b // r]).view(nb, n, n_in)  # (nb, N, in)
+            w = dequantize(a, b).view(nb, r, n_in)  # (nb, r, in): W_i
+            y[a // r : b // r].baddbmm_(v, w.transpose(1, 2))  # (nb, N, r) += v_i W_iᵀ
             del v, w
+        del dequantize
+        out = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (..., out)
         if bias is not None:
             out += bias
     return out
@@ -411,6 +436,7 @@ def bat_linear(
     rows: RowDequantizer,
     out_features: int,
     chunk: int,
+    few_token_chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """Functional form of :class:`BatLinear`; all tensors in one dtype (``block=None``: the base alone).
 
@@ -424,11 +450,13 @@ def bat_linear(
         rows: ``rows(a, b)`` returns base weight rows a..b as (b - a, in) in x's dtype.
         out_features: out.
         chunk: rows per chunk, a multiple of r.
+        few_token_chunk: rows per chunk of :func:`bat_linear_few_tokens` (:func:`chunk_rows` with ``tokens``);
+            None: ``chunk``.
 
     Returns:
         (..., out).
     """
     if (block is not None and not _records_grad(x, block, bias)
             and few_tokens_cheaper(x.numel() // max(x.shape[-1], 1), block.shape[-1])):
-        return bat_linear_few_tokens(x, block, bias, rows, out_features, chunk)
+        return bat_linear_few_tokens(x, block, bias, rows, out_features, few_token_chunk or chunk)
     return BatLinear.apply(x, block, bias, rows, out_features, chunk)

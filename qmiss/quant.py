@@ -408,8 +408,8 @@ def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.T
     return row_dequantizer(module, dtype)(0, module.out_features)
 
 
-def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False) -> RowDequantizer:
-    """A function ``rows(a, b) -> (b - a, in)`` weight rows in ``dtype``.
+def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False, first: int = 0) -> RowDequantizer:
+    """A function ``rows(a, b) -> (b - a, in)`` weight rows in ``dtype``: rows ``first + a`` … ``first + b``.
 
     The returned function holds references to the packed weight and its quantization
     state only, and dequantizes on each call just what its rows need (4-bit: their
@@ -421,7 +421,11 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False) -
 
     ``flat`` (4-bit): rows are dequantized as the one run of values they are in the packed layout, so ``a``
     need only start a block (``a·in`` a multiple of the blocksize) whatever ``in`` is; stacked experts
-    (:func:`quantize_experts`) are read this way, an expert (or a chunk of one) at a time.
+    (:func:`quantize_experts`) are read this way, an expert (or a chunk of one) at a time, ``first`` being the
+    expert's first row.
+
+    A 4-bit dequantizer also has ``rows.sweep(a, b)`` (:class:`Rows4bit`), for a pass over rows ``a`` … ``b``
+    chunk by chunk: the same rows, the work the chunks share done once for the pass.
 
     Raises:
         TypeError: if ``dtype`` is not a floating-point dtype.
@@ -434,11 +438,12 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False) -
     bits = quant_bits(module)
     weight = module.weight
     if bits is None:
-        return lambda a, b: weight[a:b].to(dtype)
+        return lambda a, b: weight[first + a : first + b].to(dtype)
     if bits == 8:
         scales = _int8_scales(module)
 
         def rows_int8(a: int, b: int) -> torch.Tensor:
+            a, b = first + a, first + b
             # bitsandbytes' int8_vectorwise_dequant, CB · SCB · 1/127 in fp32, kept to the bit
             if dtype == torch.float32:  # in place on the output
                 return weight.data[a:b].float().mul_(scales[a:b, None]).mul_(INT8_SCALE)
@@ -452,31 +457,71 @@ def row_dequantizer(module: nn.Module, dtype: torch.dtype, flat: bool = False) -
 
         return rows_int8
 
-    prepare_for_adapter(module)
-    state = _quant_state(module)
-    # bitsandbytes' CPU kernel writes fp32/bf16/fp16 only (for fp64 it returns an unwritten tensor)
-    kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-    n_in = module.in_features
-    blocksize = state.blocksize
-    alignment = row_alignment(module)
-    packed = weight.data.view(torch.uint8).reshape(-1)  # (out·in/2,) whatever the quant_storage dtype
+    return Rows4bit(module, dtype, flat, first)
 
-    def rows_4bit(a: int, b: int) -> torch.Tensor:
-        if (a * n_in) % blocksize if flat else a % alignment:
-            unit = f"a multiple of {blocksize} values" if flat else f"a multiple of {alignment}"
+
+class Rows4bit:
+    """``rows(a, b)``: rows ``first + a`` … ``first + b`` of a 4-bit weight (see :func:`row_dequantizer`).
+
+    :meth:`sweep` serves a pass over many chunks (:mod:`qmiss.ops`): with double quantization each call
+    undoes the nested absmax of its own blocks, one more multi-threaded kernel per chunk — on the CPU one
+    more wait for every thread, which costs more than the arithmetic when the cores are shared. A sweep
+    undoes it for all the pass's rows at once (an fp32 vector of rows·in/blocksize entries, 1/16 of the
+    bytes of the fp32 rows at blocksize 64) and keeps it only as long as the callable it returns.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, flat: bool, first: int) -> None:
+        prepare_for_adapter(module)
+        self.state = _quant_state(module)
+        self.dtype = dtype
+        # bitsandbytes' CPU kernel writes fp32/bf16/fp16 only (for fp64 it returns an unwritten tensor)
+        self.kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        self.n_in, self.flat, self.first = module.in_features, flat, first
+        self.alignment = row_alignment(module)
+        self.packed = module.weight.data.view(torch.uint8).reshape(-1)  # (out·in/2,) whatever the quant_storage dtype
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        return self._rows(a, b, None, 0)
+
+    def sweep(self, a: int, b: int) -> RowDequantizer:
+        """``rows`` for a pass over rows ``a`` … ``b``: the same values to the bit, the fp32 absmax of all their
+        blocks undone once, up front, and held by the returned callable only (drop it after the pass).
+
+        Raises:
+            ValueError: when the returned callable is asked for rows outside ``a`` … ``b``.
+        """
+        lo, hi = self._blocks(a, b)
+        absmax = _absmax_4bit(self.state, lo, hi)  # (hi - lo,) fp32
+        return lambda c, d: self._rows(c, d, absmax, lo)
+
+    def _blocks(self, a: int, b: int) -> tuple[int, int]:
+        """The absmax entries of rows ``first + a`` … ``first + b``: [lo, hi)."""
+        blocksize = self.state.blocksize
+        return (self.first + a) * self.n_in // blocksize, math.ceil((self.first + b) * self.n_in / blocksize)
+
+    def _rows(self, a: int, b: int, swept: Optional[torch.Tensor], swept_from: int) -> torch.Tensor:
+        n_in, blocksize = self.n_in, self.state.blocksize
+        a, b = self.first + a, self.first + b
+        if (a * n_in) % blocksize if self.flat else a % self.alignment:
+            unit = f"a multiple of {blocksize} values" if self.flat else f"a multiple of {self.alignment}"
             raise ValueError(f"4-bit rows must start at {unit} (in={n_in}, blocksize {blocksize}); got row {a}")
         start, stop = a * n_in, b * n_in
+        lo, hi = start // blocksize, math.ceil(stop / blocksize)
+        if swept is None:
+            absmax = _absmax_4bit(self.state, lo, hi)
+        elif swept_from <= lo and hi - swept_from <= swept.numel():
+            absmax = swept[lo - swept_from : hi - swept_from]
+        else:
+            raise ValueError(f"4-bit rows {a - self.first}…{b - self.first} lie outside the sweep they were asked of")
         rows = torch.ops.bitsandbytes.dequantize_4bit(
-            packed[start // 2 : (stop + 1) // 2],
-            _absmax_4bit(state, start // blocksize, math.ceil(stop / blocksize)),
+            self.packed[start // 2 : (stop + 1) // 2],
+            absmax,
             blocksize,
-            state.quant_type,
-            [stop - start] if flat else [b - a, n_in],
-            kernel_dtype,
+            self.state.quant_type,
+            [stop - start] if self.flat else [b - a, n_in],
+            self.kernel_dtype,
         )
-        return rows.view(b - a, n_in).to(dtype)
-
-    return rows_4bit
+        return rows.view(b - a, n_in).to(self.dtype)  # no copy when the kernel wrote the dtype asked for
 
 
 def _quant_state(module: nn.Module) -> bnb.functional.QuantState:

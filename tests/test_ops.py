@@ -78,3 +78,6 @@ def test_chunk_rows_respects_r_alignment_and_budget() -> None:
     assert ops.chunk_rows(1000, 4096, 8, 1, 1, 4) == 8  # never below one block row
     assert ops.chunk_rows(4096, 576, 64, 1 * 64 // 64, 10**9, 4) == 4096
     assert ops.chunk_rows(640, 96, 32, 2, 1, 4) == 32  # lcm(r, alignment)
+    # few-token path: W_c and v (N/r of it), no W'_c — nearly twice the rows in the same budget
+    assert ops.chunk_rows(4096, 4096, 64, 1, 64 * 2**20, 4, tokens=1) == 4032
+    assert ops.chunk_rows(4096, 4096, 64, 1, 64 * 2**20, 4, tokens=63) == 2048

@@ -82,6 +82,47 @@ def test_4bit_row_ranges_are_bitsandbytes_own_values(dq: bool) -> None:
         torch.testing.assert_close(rows(a, b), whole[a:b], rtol=0, atol=0)
 
 
+def make_4bit(n_in: int, n_out: int, quant_type: str, double_quant: bool, blocksize: int) -> torch.nn.Module:
+    """A 4-bit layer with a chosen blocksize (quantize_linear keeps bitsandbytes' default, 64)."""
+    weight = make_base(None, n_in, n_out, bias=False).weight
+    layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compress_statistics=double_quant, quant_type=quant_type,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
+                                     compress_statistics=double_quant, quant_type=quant_type, module=layer).to("cpu")
+    return layer
+
+
+@pytest.mark.parametrize("qtype,dq", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)],
+                         ids=["nf4-dq", "nf4", "fp4-dq", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128], ids=["bs64", "bs128"])
+@pytest.mark.parametrize("n_in", [256, 192, 96], ids=["in=256", "in=192", "in=96"])
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "experts"])
+def test_a_sweep_gives_the_rows_of_single_calls_to_the_bit(qtype: str, dq: bool, blocksize: int, n_in: int,
+                                                             flat: bool) -> None:
+    """rows.sweep undoes the absmax of all its rows at once: the same values as each call undoing its own."""
+    base = make_4bit(n_in, 200, qtype, dq, blocksize)  # 200 rows: nested absmax blocks end mid-row
+    assert base.weight.quant_state.blocksize == blocksize
+    if flat:  # 5 experts of 40 rows, read as stacked experts are, in chunks of whole blocks
+        spans, step = [(e * 40, 40) for e in range(5)], 3 * quant.expert_row_alignment(n_in, 4, blocksize)
+    else:
+        spans, step = [(0, 200)], min(quant.row_alignment(base) * 24, 200)
+    for first, count in spans:
+        rows = quant.row_dequantizer(base, torch.float32, flat=flat, first=first)
+        swept = rows.sweep(0, count)
+        for a in range(0, count, step):
+            b = min(a + step, count)
+            torch.testing.assert_close(swept(a, b), rows(a, b), rtol=0, atol=0)
+        if not flat:
+            whole = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+            torch.testing.assert_close(swept(0, count), whole, rtol=0, atol=0)
+
+
+def test_a_sweep_refuses_rows_outside_it() -> None:
+    rows = quant.row_dequantizer(make_base(4, 128, 64), torch.float32)
+    with pytest.raises(ValueError, match="outside the sweep"):
+        rows.sweep(0, 32)(16, 48)
+
+
 def test_int8_rows_in_bf16_are_bitsandbytes_fp32_values_rounded_once() -> None:
     base = make_base(8, 128, 300)
     whole = bnb.functional.int8_vectorwise_dequant(base.weight.data, quant._int8_scales(base))
