@@ -14,7 +14,11 @@ Two parts, all variants timed in interleaved rounds (who goes first rotates), me
    ``model.generate`` tokens/s at batch 1 and 16 (prompt pass included), the same four-way comparison with the
    bat model merged into a plain fp32 model (``qmiss.merge_and_unload``) in place of the one-chunk variant.
 
-CPU: fp32 compute (bf16 matmuls are slow there); GPU: bf16.
+CPU: fp32 compute (bf16 matmuls are slow there); GPU: bf16. On a CPU shared with other work every
+multi-threaded op waits for its threads to get a core (a few ms each, whatever its size), which a decode step
+of many small ops feels most: SmolLM2's merged fp32 model generated 16 tok/s at batch 1 on 2 threads of a
+2-core machine at a load average of 1.4, and 0.6 tok/s in a --quick run while other processes kept the load
+near 4. So the report gives the load average before and after each part; compare runs at a similar load.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import statistics
 import sys
 import time
@@ -42,6 +47,17 @@ R = 64
 def building_w() -> contextlib.AbstractContextManager:
     """bat as it ran before the few-token path: W' rebuilt chunk by chunk whatever the token count."""
     return mock.patch.object(ops, "few_tokens_cheaper", lambda n, r: False)
+
+
+def note_load(report: Report, when: str, ours: bool) -> None:
+    """Add the machine's 1-minute load average to the report (CPU only): against its cores, less this run's own
+    threads when ``ours`` (it just ran), it says whether other work was competing for the cores."""
+    if torch.cuda.is_available() or not hasattr(os, "getloadavg"):
+        return
+    load, cores, threads = os.getloadavg()[0], os.cpu_count(), torch.get_num_threads()
+    others = max(load - threads, 0.0) if ours else load
+    busy = " — busy: multi-threaded ops waited for cores, times are inflated" if others + threads > cores + 0.5 else ""
+    report.add(f"load average {when}: {load:.1f} on {cores} cores, {threads} threads in this run{busy}\n")
 
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
@@ -150,6 +166,7 @@ def main() -> None:
     report.add(f"# bench_generate: `python {' '.join(sys.argv)}`\n")
     report.add(f"{machine_line()}, 4-bit base (nf4, double quant), r={R}, torch {torch.__version__}, "
                f"{time.strftime('%Y-%m-%d')}\n")
+    note_load(report, "at start", ours=False)
     if args.part in ("layers", "all"):
         text, ratios = layer_table([(4096, 4096), (4096, 11008)], [1, 16], rounds)
         report.add(f"**7B-shaped layers, one no-grad forward, median of {rounds} interleaved rounds** "
@@ -157,10 +174,12 @@ def main() -> None:
         got = ratios[(4096, 11008, 1)]["bat"]
         report.add(f"target: bat decode tokens/s ≥ 0.85× default's at batch 1 on a 7B-shaped layer (4096→11008): "
                    f"{got:.2f}× — {'met' if got >= 0.85 else 'NOT met'}\n")
+        note_load(report, "after the layers", ours=True)
     if args.part in ("generate", "all"):
         text, _ = generate_table([1, 16], prompt=8, new=new, rounds=rounds)
         report.add(f"**SmolLM2-135M-Instruct, greedy generate, 8-token prompt + {new} new tokens, "
                    f"median of {rounds} interleaved rounds**\n\n" + text + "\n")
+        note_load(report, "after generate", ours=True)
 
 
 if __name__ == "__main__":
