@@ -1,4 +1,5 @@
-"""Decoding speed with a bat adapter: qmiss default vs bat (few-token path) vs bat building W' vs a merged model.
+"""Decoding speed with a bat adapter: qmiss default vs bat (few-token path) vs bat building W' vs bat_row vs a
+merged model.
 
     python benchmarks/bench_generate.py                    # 7B-shaped layers + SmolLM2 generation
     python benchmarks/bench_generate.py --quick            # 3 rounds, 4 new tokens: 8.6 min on 2 busy cores
@@ -9,10 +10,10 @@ Two parts, all variants timed in interleaved rounds (who goes first rotates), me
 1. 7B-shaped layers (4096→4096, 4096→11008, 4-bit nf4), one no-grad forward of 1 and 16 tokens — a decode
    step of one linear: qmiss default, bat (the few-token path, chosen automatically), bat building W' chunk by
    chunk (BatLinear, the path before it, forced), and bat's few-token path with the whole layer as one chunk
-   (how much the chunked dequantization costs on the CPU).
+   (how much the chunked dequantization costs on the CPU), and bat_row (the base on a turned input).
 2. SmolLM2-135M-Instruct, decoder linears 4-bit (nf4), r=64 adapters with random values: greedy
-   ``model.generate`` tokens/s at batch 1 and 16 (prompt pass included), the same four-way comparison with the
-   bat model merged into a plain fp32 model (``qmiss.merge_and_unload``) in place of the one-chunk variant.
+   ``model.generate`` tokens/s at batch 1 and 16 (prompt pass included), the same comparison with the bat
+   model merged into a plain fp32 model (``qmiss.merge_and_unload``) in place of the one-chunk variant.
 
 CPU: fp32 compute (bf16 matmuls are slow there); GPU: bf16. On a CPU shared with other work every
 multi-threaded op waits for its threads to get a core (a few ms each, whatever its size), which a decode step
@@ -80,9 +81,9 @@ def randomize(model: torch.nn.Module, scale: float = 0.01) -> None:
 
 def layer_table(shapes: list[tuple[int, int]], tokens: list[int], rounds: int) -> tuple[str, dict]:
     device, dtype = device_and_dtype()
-    lines = ["| layer | tokens | default ms | bat ms | bat, W' built ms | bat, one chunk ms | "
-             "bat × default (tokens/s) | W' built × default | one chunk × default |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| layer | tokens | default ms | bat ms | bat, W' built ms | bat, one chunk ms | bat_row ms | "
+             "bat × default (tokens/s) | W' built × default | one chunk × default | bat_row × default |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = {}
     for n_in, n_out in shapes:
         torch.manual_seed(0)
@@ -90,7 +91,8 @@ def layer_table(shapes: list[tuple[int, int]], tokens: list[int], rounds: int) -
         base = quant.quantize_linear(linear, 4, compute_dtype=dtype).to(device).requires_grad_(False)
         layers = {"default": MissLinear(base, r=R, mode="default", compute_dtype=dtype),
                   "bat": MissLinear(base, r=R, mode="bat", compute_dtype=dtype),
-                  "one chunk": MissLinear(base, r=R, mode="bat", compute_dtype=dtype, bat_chunk_bytes=2**40)}
+                  "one chunk": MissLinear(base, r=R, mode="bat", compute_dtype=dtype, bat_chunk_bytes=2**40),
+                  "bat_row": MissLinear(base, r=R, mode="bat_row", compute_dtype=dtype)}
         with torch.no_grad():
             for layer in layers.values():
                 layer.miss_block.normal_(0, 0.01)
@@ -103,13 +105,15 @@ def layer_table(shapes: list[tuple[int, int]], tokens: list[int], rounds: int) -
 
             with torch.no_grad():
                 fns = {"default": lambda x=x: layers["default"](x), "bat": lambda x=x: layers["bat"](x),
-                       "built": built, "one chunk": lambda x=x: layers["one chunk"](x)}
+                       "built": built, "one chunk": lambda x=x: layers["one chunk"](x),
+                       "bat_row": lambda x=x: layers["bat_row"](x)}
                 t = interleaved(fns, rounds)
             ratio = {k: t["default"] / t[k] for k in t}
             ratios[(n_in, n_out, n)] = ratio
             lines.append(f"| {n_in}→{n_out} | {n} | {t['default'] * 1e3:.1f} | {t['bat'] * 1e3:.1f} | "
-                         f"{t['built'] * 1e3:.1f} | {t['one chunk'] * 1e3:.1f} | {ratio['bat']:.2f} | "
-                         f"{ratio['built']:.2f} | {ratio['one chunk']:.2f} |")
+                         f"{t['built'] * 1e3:.1f} | {t['one chunk'] * 1e3:.1f} | {t['bat_row'] * 1e3:.1f} | "
+                         f"{ratio['bat']:.2f} | {ratio['built']:.2f} | {ratio['one chunk']:.2f} | "
+                         f"{ratio['bat_row']:.2f} |")
     return "\n".join(lines), ratios
 
 
@@ -122,14 +126,15 @@ def generate_table(batches: list[int], prompt: int, new: int, rounds: int) -> tu
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
     model = quantize_targets(model, 4, dtype).to(device).eval()
     models = {}
-    for mode in ("default", "bat"):
+    for mode in ("default", "bat", "bat_row"):
         models[mode] = qmiss.prepare_qmiss(copy.deepcopy(model), r=R, mode=mode, target_modules=LINEAR_NAMES,
                                            compute_dtype=dtype).eval()
         randomize(models[mode])
     models["merged"] = qmiss.merge_and_unload(copy.deepcopy(models["bat"]), dtype=dtype).eval()
     del model
-    lines = ["| batch | default tok/s | bat tok/s | bat, W' built tok/s | merged fp32 tok/s | bat × default | "
-             "W' built × default | merged × default |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| batch | default tok/s | bat tok/s | bat, W' built tok/s | bat_row tok/s | merged fp32 tok/s | "
+             "bat × default | W' built × default | bat_row × default | merged × default |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = {}
     vocab = models["default"].config.vocab_size
     for batch in batches:
@@ -144,12 +149,14 @@ def generate_table(batches: list[int], prompt: int, new: int, rounds: int) -> tu
 
         with torch.no_grad():
             t = interleaved({"default": lambda: run(models["default"]), "bat": lambda: run(models["bat"]),
-                             "built": built, "merged": lambda: run(models["merged"])}, rounds)
+                             "built": built, "bat_row": lambda: run(models["bat_row"]),
+                             "merged": lambda: run(models["merged"])}, rounds)
         speed = {k: batch * new / s for k, s in t.items()}
         ratio = {k: speed[k] / speed["default"] for k in speed}
         ratios[batch] = ratio
         lines.append(f"| {batch} | {speed['default']:.1f} | {speed['bat']:.1f} | {speed['built']:.1f} | "
-                     f"{speed['merged']:.1f} | {ratio['bat']:.2f} | {ratio['built']:.2f} | {ratio['merged']:.2f} |")
+                     f"{speed['bat_row']:.1f} | {speed['merged']:.1f} | {ratio['bat']:.2f} | {ratio['built']:.2f} | "
+                     f"{ratio['bat_row']:.2f} | {ratio['merged']:.2f} |")
     return "\n".join(lines), ratios
 
 

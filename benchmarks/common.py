@@ -237,6 +237,7 @@ def variants(*names: str) -> dict[str, Callable[[nn.Module], nn.Module]]:
         "qmiss default": qmiss_variant("default"),
         "qmiss mini": qmiss_variant("mini"),
         "qmiss bat": qmiss_variant("bat"),
+        "qmiss bat_row": qmiss_variant("bat_row"),
         "PEFT MiSS default": peft_miss_variant("default"),
         "PEFT MiSS mini": peft_miss_variant("mini"),
         "PEFT MiSS bat": peft_miss_variant("bat"),

@@ -672,6 +672,10 @@ def _notes(step: _Step, optimizer: str) -> list[str]:
         notes.append(f"{len(left)} fused expert weights no target holds (excluded, or of an experts module "
                      f"transformers does not route through its experts interface): {few(left, 2)}, counted "
                      f"unquantized and frozen, activations not modelled for the latter")
+    if s.mode == "bat_row":
+        notes.append("bat_row: default's memory — the untouched 4/8-bit base on a turned input, bitsandbytes' own "
+                     "dequantization in backward, no W' chunk; it keeps each projection's input (shared by q/k/v) "
+                     "where default keeps shard sums, adapters of in/r × r × r")
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
     if s.embeddings_on_host:

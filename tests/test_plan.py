@@ -388,3 +388,15 @@ def test_the_plans_of_moe_checkpoints_against_their_targets() -> None:
     assert plan_memory(gpt_oss_20b(), **TARGET_SETTINGS, embeddings_on_host=True).peak_bytes <= 14.5 * GiB
     smaller = {**TARGET_SETTINGS, "rank_pattern": {key: 8 for key in EXPERTS_RANK}}
     assert plan_memory(gpt_oss_20b(), **smaller).peak_bytes <= 14.5 * GiB
+
+
+def test_bat_row_plans_at_defaults_memory() -> None:
+    """Bat-Row's memory is default's (no W' chunk, bitsandbytes' own backward): on Llama-2-7B, 4-bit, r=64, 1×512
+    with checkpointing its plan is at most default's (its adapters are in × r, default's r × out), below bat's,
+    and the plan says so."""
+    config = _llama2_7b_config(32)
+    plans = {mode: plan_memory(config, bits=4, r=64, mode=mode, batch_size=1, seq_len=512) for mode in
+             ("default", "bat", "bat_row")}
+    assert plans["bat_row"].peak_bytes <= plans["default"].peak_bytes < plans["bat"].peak_bytes
+    assert plans["bat_row"].items.get("bat: dequantized weight chunk") is None
+    assert [n for n in plans["bat_row"].notes if n.startswith("bat_row: default's memory")]
