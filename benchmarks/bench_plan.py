@@ -22,7 +22,7 @@ from benchmarks.common import Report, pyplot  # noqa: E402
 from benchmarks.moe_configs import EXPERTS_RANK, MOE_CONFIGS, TARGET_SETTINGS, gpt_oss_20b  # noqa: E402
 from qmiss.plan import CARDS_GIB, CUDA_CONTEXT_BYTES, GiB, plan_memory  # noqa: E402
 
-MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}}
+MODES = {"default": {}, "mini": {"mini_r": 64}, "bat": {}, "bat_row": {}}
 BATCHES, SEQS = (1, 2, 4), (512, 1024)
 MOE_TOKENS = ((1, 512), (1, 1024), (1, 2048), (1, 4096), (2, 2048))
 MOE_TARGETS = {"Qwen3-30B-A3B": 22.5, "gpt-oss-20b": 14.5}  # GiB, planned peak at TARGET_SETTINGS

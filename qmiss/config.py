@@ -3,7 +3,8 @@
 The config speaks two dialects: qmiss's own (``mode="default" | "mini" | "bat" | "bat_row"``,
 ``bits``) and PEFT's MiSS (``init_weights=True | "mini" | "bat"``), so a user
 coming from ``peft.MissConfig`` can keep the spelling they know. ``bat_row`` is qmiss's
-own (PEFT has no such mode); PEFT's spelling of it is ``init_weights="bat_row"``.
+own (PEFT has no such mode); qmiss also accepts it as ``init_weights="bat_row"`` and writes
+that in a Bat-Row folder's ``adapter_config.json``.
 """
 
 from __future__ import annotations
@@ -384,8 +385,9 @@ class QMissConfig:
         mode = mode_from_init_weights(init_weights)
         if (peft_type == BAT_ROW_PEFT_TYPE) != (mode == "bat_row"):
             raise ValueError(f"{source}: peft_type={peft_type!r} with init_weights={init_weights!r}: a Bat-Row adapter "
-                             f"is peft_type {BAT_ROW_PEFT_TYPE!r} with init_weights 'bat_row', and only it — save the "
-                             "adapter again with qmiss.save_adapter")
+                             f"is peft_type {BAT_ROW_PEFT_TYPE!r} with init_weights 'bat_row', and only it — PEFT's "
+                             "MissConfig has no Bat-Row: in code pass mode='bat_row' to qmiss.prepare_qmiss; for a "
+                             "folder, save the adapter again with qmiss.save_adapter")
         _check_qmiss_section(extra, where, mode, f"{source}'s init_weights={init_weights!r}",
                              required=qmiss_source is not None)
         mini_r = payload.get("mini_r")

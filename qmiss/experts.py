@@ -137,19 +137,22 @@ def saved_bytes(module: nn.Module, tokens: int, top_k: int, dtype: torch.dtype, 
                 mode: str) -> int:
     """What :func:`experts_forward` saves for backward, for ``tokens`` routed to ``top_k`` experts each (S rows).
 
-    Per routed row: the sorted input copy, what the gate keeps (:func:`gate_bytes_per_row`, the up projection's
-    output included), the down projection's input and its output (kept by the routing-weight product), the
-    routing weight, three int64 index vectors (the sort, the gather, the inverse). Per token: the router's fp32
-    probabilities over the experts and its top-k. Per adapted projection (``ranks``: parameter -> r): each
-    expert's shard sums (default, mini; bat_row's turns keep the inputs counted above, bat keeps them too) and
-    each expert's adapter in ``dtype`` (a copy unless that is fp32 and the
-    adapter is used as it is).
+    Per routed row: what the gate keeps (:func:`gate_bytes_per_row`, the up projection's output included), the
+    down projection's output (kept by the routing-weight product), with bat and bat_row the projections' inputs
+    too (the sorted input copy and down's input: bat's dB and bat_row's turns need them; default and mini keep
+    none), the routing weight, three int64 index vectors (the sort, the gather, the inverse). Per token: the
+    router's fp32 probabilities over the experts and its top-k. Per adapted projection (``ranks``: parameter ->
+    r): each expert's shard sums (default, mini) and each expert's adapter in ``dtype`` (a copy unless that is fp32
+    and the adapter is used as it is).
     """
     e = torch.finfo(dtype).bits // 8
     params = expert_params(module)
     (n_experts, hidden, _), (_, inter, _) = (experts_shape(module, p) for p in params)
     rows = tokens * top_k
-    saved = rows * (e * (2 * hidden + inter) + gate_bytes_per_row(module, dtype) + e + 3 * 8)
+    # default/mini: the projections keep no input (BatLinear without a block needs the weight alone for dx), so
+    # of the sorted copy, down's input and its output only the output stays (the routing-weight product keeps it)
+    kept = 2 * hidden + inter if mode in ("bat", "bat_row") else hidden
+    saved = rows * (e * kept + gate_bytes_per_row(module, dtype) + e + 3 * 8)
     saved += tokens * (4 * n_experts + 16 * top_k)
     for param, r in ranks.items():
         _, n_in, n_out = experts_shape(module, param)

@@ -241,16 +241,23 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
         out_dir: the LoRA adapter folder.
 
     Raises:
-        ValueError: for bat, which is not low-rank (use :func:`export_merged`), or an adapter
+        ValueError: for bat and bat_row, which are not low-rank (use :func:`export_merged`), or an adapter
             folder without recorded module shapes (pass the prepared model instead).
     """
+    def refuse_block_modes(config, where: str) -> None:  # noqa: ANN001 — a QMissConfig
+        if config.mode in BLOCK_MODES:
+            raise ValueError(f"{where}: mode={config.mode!r} is not a low-rank update and has no exact LoRA form; "
+                             "use qmiss.export_merged(model, dir) for a merged checkpoint instead")
+
     if isinstance(source, nn.Module):
         config = require_qmiss(source)
+        refuse_block_modes(config, type(source).__name__)
         layers = dict(miss_layers(source))
         blocks = {n: layer.miss_block.detach().float().cpu() for n, layer in layers.items()}
         shapes = {n: (layer.in_features, layer.out_features) for n, layer in layers.items()}
     else:
         config, blocks, payload = read_adapter(source)
+        refuse_block_modes(config, str(source))
         recorded = (payload.get("qmiss") or {}).get("modules")
         if not recorded:
             raise ValueError(f"{source}: records no module shapes (not saved by qmiss); pass the prepared model")
@@ -259,9 +266,6 @@ def export_lora(source: Union[nn.Module, PathLike], out_dir: PathLike) -> Path:
             raise ValueError(f"{source}: the recorded module shapes give no (in, out) for {unrecorded} (they come "
                              "from another save than the adapter); pass the prepared model instead")
         shapes = {n: tuple(recorded[n]) for n in blocks}
-    if config.mode in BLOCK_MODES:
-        raise ValueError(f"mode={config.mode!r} is not a low-rank update and has no exact LoRA form; "
-                         "use qmiss.export_merged(model, dir) for a merged checkpoint instead")
     expert_blocks = {n: b for n, b in blocks.items() if b.dim() == 3}  # (E, r, out | mini_r)
     tensors, ranks = {}, {}
     for name, block in blocks.items():

@@ -97,7 +97,7 @@ class MissAdapter(nn.Module):
     mixture-of-experts block, one adapter per expert, ``experts`` of them stacked in the block's first dim).
 
     Raises:
-        ValueError: r out of range, bat with in or out not divisible by r, mini with out % mini_r != 0,
+        ValueError: r out of range, bat / bat_row with in or out not divisible by r, mini with out % mini_r != 0,
             fp64 compute on a 4/8-bit base.
         TypeError: a compute dtype that is not a floating-point dtype.
     """
@@ -205,7 +205,7 @@ class MissLinear(MissAdapter):
     Args:
         base_layer: the frozen layer; it is held, never copied or subclassed.
         r: shard size along in_features.
-        mode: "default", "mini" or "bat".
+        mode: "default", "mini", "bat" or "bat_row".
         mini_r: mini: adapter width along out_features.
         dropout: dropout probability on the adapter's input (default/mini).
         compute_dtype: dtype of the base matmul (4-bit), the adapter math and bat's dequantized
@@ -219,7 +219,7 @@ class MissLinear(MissAdapter):
 
     Attributes:
         miss_block: the trainable adapter, zeros at init; (r, out) default,
-            (r, mini_r) mini, (out/r, r, r) bat. Kept in fp32 (the optimizer's master copy).
+            (r, mini_r) mini, (out/r, r, r) bat, (in/r, r, r) bat_row. Kept in fp32 (the optimizer's master copy).
     """
 
     def __init__(
@@ -367,8 +367,10 @@ class MissExperts(MissAdapter):
         return quant.row_dequantizer(self.base_layer, dtype, flat=True, first=expert * self.out_features)
 
     def base_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One expert's whole (out, in) base weight in ``dtype``."""
-        return self.expert_rows(expert, dtype)(0, self.out_features)
+        """One expert's whole (out, in) base weight in ``dtype``: a new tensor, which the caller may write into (an
+        unquantized base's rows in their own dtype are a view of the parameter, so they are copied)."""
+        weight = self.expert_rows(expert, dtype)(0, self.out_features)
+        return weight.clone() if self.bits is None else weight
 
     def merged_weight(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One expert's dequantize(W) + ΔW (out, in), computed in fp32, returned in ``dtype``."""

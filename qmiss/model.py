@@ -227,7 +227,7 @@ def _check_shapes(model: nn.Module, targets: list[str], config: QMissConfig) -> 
     how many there are.
 
     Raises:
-        InputError: r exceeds a target's in_features, or (bat) r does not divide its shape, or
+        InputError: r exceeds a target's in_features, or (bat, bat_row) r does not divide its shape, or
             (mini) mini_r does not divide its out_features, or a 4-bit expert's in × out is not a multiple
             of the 4-bit block size.
     """

@@ -397,7 +397,7 @@ def _absmax_4bit(state: bnb.functional.QuantState, start: int, stop: int) -> tor
         nested.blocksize,
         nested.dtype,
     )
-    return (absmax[start - first : stop - first] + state.offset).float()
+    return absmax[start - first : stop - first].add_(state.offset).float()  # a fresh tensor: no second copy
 
 
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

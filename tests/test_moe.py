@@ -300,3 +300,17 @@ def test_16bit_experts_merge_unmerge_and_unload_round_trip() -> None:
     restored = model.model.layers[0].mlp.experts.down_proj
     assert isinstance(restored, torch.nn.Parameter) and torch.allclose(restored, original, atol=1e-5)
     assert model.model.layers[0].mlp.experts.config._experts_implementation != "qmiss"
+
+
+@pytest.mark.parametrize("mode", ["default", "bat_row"])
+def test_merged_weight_of_unquantized_experts_leaves_the_base_as_it_was(mode: str) -> None:
+    """An unquantized expert's rows in their own dtype are a view of the parameter: merged_weight once added ΔW
+    into the base itself (delta_weight then read 0, and export_merged left the live model at W + ΔW)."""
+    model = qmiss.prepare_qmiss(tiny_moe("qwen3_moe").float(), r=16, bits=None, mode=mode)
+    randomize_adapters(model)
+    layer = expert_layers(model)["model.layers.0.mlp.experts.gate_up_proj"]
+    before = layer.base_layer.weight.detach().clone()
+    delta = layer.delta_weight(0)
+    layer.merged_weight(1)
+    assert torch.equal(layer.base_layer.weight, before)
+    assert delta.abs().max() > 0
