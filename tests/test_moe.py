@@ -103,7 +103,11 @@ def test_zero_adapters_give_the_quantized_base_and_disable_adapter_covers_expert
         zero = model(ids).logits
         with qmiss.disable_adapter(model):
             base = model(ids).logits
-        assert torch.equal(zero, base)
+        if mode == "bat":  # an expert given fewer than r tokens runs bat's few-token path (no W'), whose other
+            # matmul shapes round differently on some CPU kernels (AVX512): equal to 1e-6, the issue's bound
+            assert relative(zero, base) <= 1e-6
+        else:
+            assert torch.equal(zero, base)
         randomize_adapters(model)
         adapted = model(ids).logits
         with qmiss.disable_adapter(model):
