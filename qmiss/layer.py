@@ -311,7 +311,8 @@ class MissLinear(MissAdapter):
 
     def _forward_bat_row(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """base(x + z) + tile_out(Σ_j z_j), z = [x_j B_jᵀ]_j (:func:`qmiss.ops.bat_row_turn`): the base computes W'
-        without it being built, and its backward gives dz for dB; the turn keeps x (in the compute dtype)."""
+        without it being built, and its backward gives dz for dB; the turn keeps x (in the compute dtype) unless
+        it can rebuild it (down's act(gate)·up: :func:`qmiss.ops.product_source`)."""
         z = ops.bat_row_turn(x.to(self.compute_dtype), block.to(self.compute_dtype))
         y = self._base(x + z.to(x.dtype))
         return y + ops.tile_out(ops.shard_sum(z, self.r), self.out_features).to(y.dtype)

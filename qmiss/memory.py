@@ -132,6 +132,7 @@ def measure_peak(fn: Callable[[], Any], exclude: Optional[Iterable[torch.Tensor]
                 saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    pack.repeatable_unpack = True  # its unpack is the identity: see qmiss.ops.REPEATABLE_UNPACK
     tracker = LiveTensorTracker()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
         result = fn()

@@ -16,7 +16,8 @@ by every block of output row-block i, bat_row's B_j by every block of input colu
 
 bat_row needs no dequantized weight: y_i = Σ_j x_j W'_ijᵀ = Σ_j (x_j + z_j) W_ijᵀ + Σ_j z_j, one
 call of the untouched base on a turned input plus an r-wide term repeated along out
-(:func:`bat_row_turn`); the base's own backward gives dz, and dB_j = Σ_tokens dz_jᵀ x_j.
+(:func:`bat_row_turn`); the base's own backward gives dz, and dB_j = Σ_tokens dz_jᵀ x_j. x is
+kept for dB unless it is a product autograd can rebuild (a gated MLP's down input, :func:`product_source`).
 
 For a few tokens bat need not build W': y_i = Σ_j x_j W'_ijᵀ = v_i W_iᵀ + (Σ_j x_j) B_iᵀ with
 v_i = [x_j (I + B_i)ᵀ]_j, which is N·out·in flops for the v_i and as many for the products,
@@ -143,15 +144,86 @@ def bat_block_grad(weight: torch.Tensor, grad_weight: torch.Tensor, r: int) -> t
 def bat_row_turn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """z = [x_j B_jᵀ]_j for bat_row: each r-wide input shard times its own block, shape of ``x``.
 
+    Where a gradient is recorded this is :class:`BatRowTurn`, which keeps x for dB only when x cannot
+    be rebuilt from what autograd already keeps (:func:`product_source`).
+
     Args:
         x: (..., in), in = (in/r)·r.
         block: (in/r, r, r), the B_j.
     """
+    if _records_grad(x, block):
+        return BatRowTurn.apply(x, block)
+    return _turn(x, block)
+
+
+def _turn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     n_blocks, r, _ = block.shape
-    lead = x.shape[:-1]
     shards = x.reshape(-1, n_blocks, r).transpose(0, 1)  # (in/r, N, r)
     z = torch.bmm(shards, block.transpose(1, 2))  # (in/r, N, r): x_j B_jᵀ for every token
-    return z.transpose(0, 1).reshape(*lead, n_blocks * r)
+    return z.transpose(0, 1).reshape(x.shape)
+
+
+def product_source(x: torch.Tensor) -> Optional[torch.autograd.graph.Node]:
+    """The autograd node of ``x = a * b`` when that node keeps both a and b (both need a gradient), else None.
+
+    A gated MLP's down projection reads h = act(gate) · up; autograd keeps act(gate) and up for the
+    product's own backward, so h can be rebuilt from them (one elementwise product, bitwise the same)
+    instead of being kept a second time: (tokens, intermediate) bytes per layer.
+
+    None as well under saved-tensor hooks (non-reentrant checkpointing, activation offloading): those may let a
+    saved tensor be unpacked only once, by its own node, and checkpointing drops what a layer saves anyway.
+    """
+    node = x.grad_fn
+    if (type(node).__name__ != "MulBackward0" or any(fn is None for fn, _ in node.next_functions)
+            or _saved_tensors_hooked()):
+        return None
+    return node
+
+
+REPEATABLE_UNPACK = "repeatable_unpack"
+"""The attribute a saved-tensor pack hook sets (to True) when its unpack may run more than once for one saved
+tensor, as an identity hook's may: :func:`product_source` then goes on under it (qmiss.memory's counters set it)."""
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active that may unpack once only (torch keeps their stack private; without
+    it, assume they are)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    hooks = top(True)
+    return hooks is not None and not getattr(hooks[0], REPEATABLE_UNPACK, False)
+
+
+class BatRowTurn(torch.autograd.Function):
+    """z = [x_j B_jᵀ]_j with dx_j = dz_j B_j and dB_j = Σ_tokens dz_jᵀ x_j.
+
+    x is needed for dB alone. Where x is a product whose factors autograd keeps anyway
+    (:func:`product_source`), backward rebuilds x from them and nothing of x is saved here.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        source = product_source(x) if ctx.needs_input_grad[1] else None
+        ctx.source, ctx.x_shape, ctx.x_dtype = source, x.shape, x.dtype
+        ctx.save_for_backward(x if source is None and ctx.needs_input_grad[1] else None, block)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice, as in BatLinear
+            return _turn(x, block)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_z: torch.Tensor):
+        x, block = ctx.saved_tensors
+        n_blocks, r, _ = block.shape
+        dz = grad_z.to(block.dtype).reshape(-1, n_blocks, r).transpose(0, 1)  # (in/r, N, r)
+        grad_x = grad_block = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(dz, block).transpose(0, 1).reshape(ctx.x_shape).to(ctx.x_dtype)  # dz_j B_j
+        if ctx.needs_input_grad[1]:
+            if x is None:  # rebuilt from the product's own saved factors; freed again after dB
+                x = ctx.source._saved_self * ctx.source._saved_other
+            shards = x.to(block.dtype).reshape(-1, n_blocks, r).transpose(0, 1)  # (in/r, N, r)
+            grad_block = torch.bmm(dz.transpose(1, 2), shards)  # dz_jᵀ x_j, (in/r, r, r)
+        return grad_x, grad_block
 
 
 def tile_out(s: torch.Tensor, out_features: int) -> torch.Tensor:

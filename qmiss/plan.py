@@ -315,7 +315,10 @@ def _layer_activations(step: _Step, layer: Optional[str]) -> int:
         # (the MLP's norm output is no linear's input where experts alone read it: the router keeps nothing of it
         # and the experts keep their own sorted copy)
         norm_outputs = 2 if inter else 1
-        extra = tokens * (norm_outputs * hidden * (4 if step.bits == 8 else e_act) + inter * e_act)
+        # bat_row rebuilds down's input act(gate)·up from the product's own saved factors, except under
+        # checkpointing's or offloading's saved-tensor hooks (qmiss.ops.product_source)
+        rebuilt = s.mode == "bat_row" and not s.gradient_checkpointing and not s.offload_activations
+        extra = tokens * (norm_outputs * hidden * (4 if step.bits == 8 else e_act) + (0 if rebuilt else inter) * e_act)
         if s.mode in BLOCK_MODES and step.bits is not None and e != step.norm_e:  # each projection casts the fp32
             extra += tokens * hidden * e * 3  # norm output
     if s.mode == "bat_row" and step.bits == 8:  # bitsandbytes' 8-bit matmul keeps its input, here each turned x + z
@@ -674,8 +677,9 @@ def _notes(step: _Step, optimizer: str) -> list[str]:
                      f"unquantized and frozen, activations not modelled for the latter")
     if s.mode == "bat_row":
         notes.append("bat_row: default's memory — the untouched 4/8-bit base on a turned input, bitsandbytes' own "
-                     "dequantization in backward, no W' chunk; it keeps each projection's input (shared by q/k/v) "
-                     "where default keeps shard sums, adapters of in/r × r × r")
+                     "dequantization in backward, no W' chunk; it keeps each projection's input (shared by q/k/v; "
+                     "down's is rebuilt from act(gate) and up without checkpointing) where default keeps shard "
+                     "sums, adapters of in/r × r × r")
     if "paged" in optimizer:
         notes.append("paged optimizer states counted as on the GPU (they are, unless memory runs short)")
     if s.embeddings_on_host:

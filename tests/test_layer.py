@@ -151,6 +151,7 @@ def saved_for_backward(fn) -> tuple[list[torch.Tensor], torch.Tensor]:
         saved.append(t)
         return t
 
+    pack.repeatable_unpack = True  # an identity unpack: bat_row may rebuild a product input under it
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return saved, out
@@ -206,6 +207,56 @@ def test_bat_row_saves_no_weight_and_no_turned_input(bits: int) -> None:
         [(tuple(t.shape), t.dtype) for t in saved]
     y.sum().backward()
     assert layer.miss_block.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["4bit", "8bit"])
+def test_bat_row_rebuilds_a_product_input(bits: int) -> None:
+    """A gated MLP's down input h = act(gate)·up: autograd keeps act(gate) and up for the product's backward,
+    so bat_row rebuilds h from them in backward instead of keeping it; the gradients are those of a layer that
+    kept h (the same h, the same products: bitwise)."""
+    layer = MissLinear(make_base(bits, 1024, 256, bias=False), r=64, mode="bat_row")
+    randomize(layer, 0.01)
+    gate, up = (torch.randn(1, 128, 1024, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(1, 128, 256)
+
+    def run(h_of):
+        gate.grad = up.grad = layer.miss_block.grad = None
+        h = h_of(torch.nn.functional.silu(gate), up)
+        saved, y = saved_for_backward(lambda: layer(h))
+        kept_h = h.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in saved}
+        y.backward(grad_out)
+        return kept_h, y.detach(), [t.grad.clone() for t in (gate, up, layer.miss_block)]
+
+    kept, y_kept, grads_kept = run(lambda a, u: (a * u).clone())  # a clone is no product: h is kept
+    rebuilt, y, grads = run(lambda a, u: a * u)
+    assert kept and not rebuilt
+    assert torch.equal(y, y_kept)
+    for got, want in zip(grads, grads_kept):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+def test_bat_row_product_input_under_checkpointing(checkpointing: str) -> None:
+    """Checkpointing recomputes the MLP: the rebuilt down input comes from the recomputed factors (non-reentrant
+    checkpointing unpacks the original product's saved tensors into their recomputed values)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    down = MissLinear(make_base(4, 512, 128, bias=False), r=64, mode="bat_row")
+    randomize(down, 0.01)
+    x = torch.randn(2, 16, 512, requires_grad=True)
+    w = torch.randn(512, requires_grad=True)
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return down(torch.nn.functional.silu(x * 2) * (x * w))
+
+    grads = []
+    for wrap in (mlp, lambda x: checkpoint(mlp, x, use_reentrant=checkpointing == "reentrant")):
+        x.grad = w.grad = down.miss_block.grad = None
+        wrap(x).square().sum().backward()
+        grads.append([t.grad.clone() for t in (x, w, down.miss_block)])
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
 
 
 def test_bat_row_is_the_fp64_dense_reference() -> None:
