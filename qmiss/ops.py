@@ -159,7 +159,8 @@ def bat_row_turn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 def _turn(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     n_blocks, r, _ = block.shape
     shards = x.reshape(-1, n_blocks, r).transpose(0, 1)  # (in/r, N, r)
-    z = torch.bmm(shards, block.transpose(1, 2))  # (in/r, N, r): x_j B_jᵀ for every token
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice, as in BatLinear
+        z = torch.bmm(shards, block.transpose(1, 2))  # (in/r, N, r): x_j B_jᵀ for every token
     return z.transpose(0, 1).reshape(x.shape)
 
 
@@ -207,8 +208,7 @@ class BatRowTurn(torch.autograd.Function):
         source = product_source(x) if ctx.needs_input_grad[1] else None
         ctx.source, ctx.x_shape, ctx.x_dtype = source, x.shape, x.dtype
         ctx.save_for_backward(x if source is None and ctx.needs_input_grad[1] else None, block)
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's choice, as in BatLinear
-            return _turn(x, block)
+        return _turn(x, block)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_z: torch.Tensor):

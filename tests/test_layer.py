@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qmiss
-from qmiss import MissLinear, quant
+from qmiss import MissLinear, ops, quant
 from tests.helpers import make_base
 from tests.helpers import BLOCK_MODES, MODES, randomize, ref_block_delta, reference
 
@@ -151,7 +151,7 @@ def saved_for_backward(fn) -> tuple[list[torch.Tensor], torch.Tensor]:
         saved.append(t)
         return t
 
-    pack.repeatable_unpack = True  # an identity unpack: bat_row may rebuild a product input under it
+    setattr(pack, ops.REPEATABLE_UNPACK, True)  # an identity unpack: bat_row may rebuild a product input under it
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return saved, out
